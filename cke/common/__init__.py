@@ -1,0 +1,1 @@
+"""Pieces shared by cke, sabakan and rivers: logging, durations, etcd connections."""

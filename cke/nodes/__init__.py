@@ -1,0 +1,1 @@
+"""Everything cke does on nodes: the SSH layer and, later, node runtimes."""

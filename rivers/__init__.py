@@ -1,0 +1,1 @@
+"""rivers: the per-node TCP proxy to the apiservers."""

@@ -1,0 +1,1 @@
+"""sabakan: the machine inventory."""

@@ -1,0 +1,12 @@
+"""Entry point; implemented by its own issue."""
+
+import sys
+
+
+def main() -> int:
+    print("sabakan sabactl: not implemented yet", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
