@@ -1,11 +1,117 @@
-"""Entry point; implemented by its own issue."""
+"""``cke``: the control-plane manager daemon (one replica of several)."""
 
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
 import sys
+from typing import NoReturn
+
+from cke.common.durations import parse_duration
+from cke.common.etcd import ConfigError, load_etcd_settings, make_client
+from cke.common.httpserver import parse_listen_address, start_http
+from cke.common.logs import get_logger, setup_logging
+from cke.server.control import Server
+from cke.server.metrics import ServerMetrics
+from cke.storage import Storage
+
+log = get_logger("cke")
 
 
-def main() -> int:
-    print("cke cke_main: not implemented yet", file=sys.stderr)
-    return 1
+class FlagError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise FlagError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cke", description="cke: self-healing control-plane manager")
+    p.add_argument("--config", default="/etc/cke/config.yml", help="etcd configuration file")
+    p.add_argument("--interval", default="1m", help="check interval")
+    p.add_argument("--session-ttl", default="10s", help="leader session's TTL")
+    p.add_argument("--http", default="0.0.0.0:10180", help="listen address of /metrics, /health")
+    p.add_argument("--certs-gc-interval", default="1h", help="tidy interval of Vault PKI")
+    p.add_argument(
+        "--max-concurrent-updates", type=int, default=10, help="the number of nodes changed at once"
+    )
+    p.add_argument("--name", default=socket.gethostname(), help="this replica's name")
+    p.add_argument("--loglevel", default="info")
+    p.add_argument("--logformat", default="plain")
+    p.add_argument("--logfile", default=None)
+    return p
+
+
+def _duration(args: argparse.Namespace, flag: str) -> float:
+    text = getattr(args, flag.lstrip("-").replace("-", "_"))
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise FlagError(f"{flag}: {exc}") from exc
+    if seconds <= 0:
+        raise FlagError(f"{flag}: must be positive, got {text!r}")
+    return seconds
+
+
+async def _serve(args: argparse.Namespace, interval: float, ttl: int) -> int:
+    settings = load_etcd_settings(args.config)
+    client = make_client(settings)
+    await client.connect()
+    storage = Storage(client, settings.prefix, timeout=max(settings.timeout, 2.0))
+    metrics = ServerMetrics()
+    server = Server(client, storage, args.name, interval, ttl, metrics)
+
+    async def health() -> tuple[bool, str]:
+        try:
+            await asyncio.wait_for(storage.get("status"), 3)
+        except Exception as exc:
+            return False, f"etcd: {type(exc).__name__}"
+        return True, "ok"
+
+    host, port = parse_listen_address(args.http, "--http")
+    runner = await start_http(host, port, metrics.registry, health)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop_requested.set)
+    log.info("cke started", name=args.name, http=args.http, interval=interval, session_ttl=ttl)
+    try:
+        await server.run()
+    finally:
+        await runner.cleanup()
+        await client.close()
+    log.info("cke stopped", name=args.name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        interval = _duration(args, "--interval")
+        ttl_seconds = _duration(args, "--session-ttl")
+        _duration(args, "--certs-gc-interval")
+        if ttl_seconds < 1:
+            raise FlagError("--session-ttl: must be at least 1s")
+        if args.max_concurrent_updates < 1:
+            raise FlagError("--max-concurrent-updates: must be at least 1")
+        parse_listen_address(args.http, "--http")
+        if not args.name:
+            raise FlagError("--name: must not be empty")
+        setup_logging(args.loglevel, args.logformat, args.logfile)
+    except (FlagError, ValueError) as exc:
+        print(f"cke: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(args, interval, round(ttl_seconds)))
+    except ConfigError as exc:
+        print(f"cke: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cke: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,11 +1,271 @@
-"""Entry point; implemented by its own issue."""
+"""``ckecli``: the operator's command line. It talks to cke only through etcd."""
 
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import json
 import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+from etcd3aio import EtcdError
+
+from cke.cluster import (
+    CONSTRAINT_NAMES,
+    ClusterError,
+    cluster_from_json,
+    cluster_to_json,
+    cluster_to_yaml,
+    constraints_from_json,
+    constraints_to_json,
+    parse_cluster,
+    set_constraint,
+    validate_cluster,
+)
+from cke.common.etcd import ConfigError, load_etcd_settings, make_client
+from cke.records import Record
+from cke.storage import Conflict, Storage
 
 
-def main() -> int:
-    print("cke ckecli: not implemented yet", file=sys.stderr)
-    return 1
+class CLIError(Exception):
+    """A one-line error for the operator; exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"ckecli: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _emit(doc: Any, output: str | None, human: Callable[[Any], str]) -> None:
+    if output == "json":
+        print(json.dumps(doc, indent=2))
+    elif output == "yaml":
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    else:
+        print(human(doc))
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
+    try:
+        if args.file == "-":
+            text = sys.stdin.read()
+        else:
+            text = await asyncio.to_thread(Path(args.file).read_text)
+    except OSError as exc:
+        raise CLIError(f"{args.file}: {exc.strerror}") from exc
+    try:
+        cluster = parse_cluster(text)
+    except ClusterError as exc:
+        raise CLIError(f"{args.file}: {exc}") from exc
+    current = await storage.get_cluster()
+    constraints_raw = await storage.get_constraints()
+    constraints = constraints_from_json(
+        constraints_raw.value.decode() if constraints_raw.value else None
+    )
+    try:
+        validate_cluster(cluster, constraints)
+    except ClusterError as exc:
+        raise CLIError(f"{args.file}: {exc}") from exc
+    old_yaml = cluster_to_yaml(cluster_from_json(current.value.decode())) if current.value else ""
+    new_yaml = cluster_to_yaml(cluster)
+    if old_yaml == new_yaml:
+        print("cluster unchanged")
+        return
+    diff = difflib.unified_diff(
+        old_yaml.splitlines(keepends=True),
+        new_yaml.splitlines(keepends=True),
+        "stored",
+        args.file,
+    )
+    sys.stdout.writelines(diff)
+    try:
+        await storage.put_cluster_and_constraints(
+            cluster_to_json(cluster), current.mod_revision, None, constraints_raw.mod_revision
+        )
+    except Conflict as exc:
+        raise CLIError(str(exc)) from exc
+    print("cluster stored")
+
+
+async def cmd_cluster_get(storage: Storage, args: argparse.Namespace) -> None:
+    current = await storage.get_cluster()
+    if current.value is None:
+        raise CLIError("no cluster configuration is stored yet; use 'ckecli cluster set FILE'")
+    cluster = cluster_from_json(current.value.decode())
+    if args.output == "json":
+        print(json.dumps(json.loads(cluster_to_json(cluster)), indent=2))
+    else:
+        print(cluster_to_yaml(cluster), end="")
+
+
+async def cmd_constraints_show(storage: Storage, args: argparse.Namespace) -> None:
+    raw = await storage.get_constraints()
+    constraints = constraints_from_json(raw.value.decode() if raw.value else None)
+    doc = json.loads(constraints_to_json(constraints))
+    _emit(doc, args.output, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+
+
+async def cmd_constraints_set(storage: Storage, args: argparse.Namespace) -> None:
+    raw = await storage.get_constraints()
+    current = constraints_from_json(raw.value.decode() if raw.value else None)
+    try:
+        updated = set_constraint(current, args.name, args.value)
+    except ClusterError as exc:
+        raise CLIError(str(exc)) from exc
+    cluster_raw = await storage.get_cluster()
+    if cluster_raw.value is not None:
+        try:
+            validate_cluster(cluster_from_json(cluster_raw.value.decode()), updated)
+        except ClusterError as exc:
+            raise CLIError(f"the stored cluster would be invalid: {exc}") from exc
+    try:
+        await storage.put_cluster_and_constraints(
+            None, cluster_raw.mod_revision, constraints_to_json(updated), raw.mod_revision
+        )
+    except Conflict as exc:
+        raise CLIError(str(exc)) from exc
+
+
+async def cmd_leader(storage: Storage, args: argparse.Namespace) -> None:
+    name = await storage.get_leader_name()
+    if name is None:
+        raise CLIError("no leader")
+    _emit({"leader": name}, args.output, lambda d: str(d["leader"]))
+
+
+def _record_line(r: Record) -> str:
+    line = f"{r.id:>6}  {r.status:<9}  {r.start_at:<24}  {r.operation}"
+    if r.targets:
+        line += f"  targets={','.join(r.targets)}"
+    if r.error:
+        line += f"  error={r.error}"
+    return line
+
+
+async def cmd_history(storage: Storage, args: argparse.Namespace) -> None:
+    if args.n < 0:
+        raise CLIError("-n: must not be negative")
+    records = await storage.get_records(args.n)
+    docs = [r.to_dict() for r in records]
+    _emit(docs, args.output, lambda _: "\n".join(_record_line(r) for r in records))
+
+
+def _status_text(doc: dict[str, Any]) -> str:
+    lines = [
+        f"leader: {doc['leader'] or '(none)'}",
+        f"phase: {doc['phase'] or '(unknown)'}",
+        f"updated: {doc['timestamp'] or '(never)'}",
+    ]
+    last = doc.get("last-record")
+    if last:
+        lines.append(
+            f"last operation: #{last['id']} {last['operation']} {last['status']}"
+            + (f" error={last['error']}" if last["error"] else "")
+        )
+    else:
+        lines.append("last operation: (none)")
+    if doc["blocked"]:
+        lines.append("blocked:")
+        for b in doc["blocked"]:
+            nodes = f" nodes={','.join(b['nodes'])}" if b.get("nodes") else ""
+            lines.append(f"  - [{b['rule']}] {b['message']}{nodes}")
+    else:
+        lines.append("blocked: nothing")
+    return "\n".join(lines)
+
+
+async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
+    leader = await storage.get_leader_name()
+    status = await storage.get_status()
+    records = await storage.get_records(1)
+    doc: dict[str, Any] = {
+        "leader": leader or "",
+        "phase": status.phase if status else "",
+        "timestamp": status.timestamp if status else "",
+        "blocked": status.blocked if status else [],
+        "last-record": records[0].to_dict() if records else None,
+    }
+    _emit(doc, args.output, _status_text)
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+
+Command = Callable[[Storage, argparse.Namespace], Awaitable[None]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ckecli", description="control cke through etcd")
+    parser.add_argument("--config", default="/etc/cke/config.yml", help="etcd configuration")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def reader(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-o", "--output", choices=("json", "yaml"), default=None)
+
+    cluster = sub.add_parser("cluster", help="the cluster configuration")
+    csub = cluster.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    p = csub.add_parser("set", help="validate and store a cluster YAML (- for stdin)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_cluster_set)
+    p = csub.add_parser("get", help="print the stored cluster")
+    reader(p)
+    p.set_defaults(func=cmd_cluster_get)
+
+    constraints = sub.add_parser("constraints", help="the constraints")
+    ksub = constraints.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    p = ksub.add_parser("show")
+    reader(p)
+    p.set_defaults(func=cmd_constraints_show)
+    p = ksub.add_parser("set", help=f"set one of: {', '.join(CONSTRAINT_NAMES)}")
+    p.add_argument("name")
+    p.add_argument("value")
+    p.set_defaults(func=cmd_constraints_set)
+
+    p = sub.add_parser("leader", help="print the current leader")
+    reader(p)
+    p.set_defaults(func=cmd_leader)
+    p = sub.add_parser("history", help="operation records, newest first")
+    p.add_argument("-n", type=int, default=0, help="at most N records (0: all)")
+    reader(p)
+    p.set_defaults(func=cmd_history)
+    p = sub.add_parser("status", help="leader, phase, last operation and what is blocked")
+    reader(p)
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> None:
+    settings = load_etcd_settings(args.config)
+    client = make_client(settings)
+    await client.connect()
+    try:
+        storage = Storage(client, settings.prefix, timeout=max(settings.timeout, 5.0))
+        func: Command = args.func
+        await func(storage, args)
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        asyncio.run(_run(args))
+    except (CLIError, ConfigError) as exc:
+        print(f"ckecli: {exc}", file=sys.stderr)
+        return 1
+    except EtcdError as exc:
+        print(f"ckecli: etcd: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    return 0
 
 
 if __name__ == "__main__":

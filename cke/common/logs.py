@@ -132,6 +132,10 @@ def setup_logging(level: str = "info", fmt: str = "plain", logfile: str | None =
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, lvl.upper()))
+    # Libraries' debug chatter is not our events; keep them at info or above.
+    for noisy in ("grpc", "asyncio", "aiohttp.access", "urllib3", "hvac"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.INFO))
+    logging.getLogger("asyncssh").setLevel(max(root.level, logging.WARNING))
 
 
 class StructLogger:

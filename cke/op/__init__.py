@@ -1,0 +1,1 @@
+"""Operations: small, resumable steps that the executor runs and records."""

@@ -1,0 +1,205 @@
+"""The cke server's one loop.
+
+    campaign -> (as leader) cancel unfinished records -> repeat:
+        read cluster and constraints -> collect status -> decide -> record status
+        -> run the next operation, or sleep until the interval or a config change
+
+Leadership is checked by every write (fencing) and by the election's lease
+watch; losing it stops the loop at once and the replica campaigns again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from etcd3aio import Etcd3Client, EtcdError
+
+from cke.cluster import (
+    Cluster,
+    ClusterError,
+    Constraints,
+    cluster_from_json,
+    constraints_from_json,
+    validate_cluster,
+)
+from cke.common.logs import get_logger
+from cke.op.base import OpContext
+from cke.server.election import Election, LeadershipLost
+from cke.server.executor import run_operation
+from cke.server.metrics import ServerMetrics
+from cke.server.phases import Phase
+from cke.server.strategy import Blocked, ClusterStatus, Decision, decide
+from cke.storage import (
+    KEY_CLUSTER,
+    KEY_CONSTRAINTS,
+    LeaderKey,
+    NotLeader,
+    Status,
+    Storage,
+    now_rfc3339,
+)
+
+log = get_logger("cke.server")
+
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """The awaited work was cut short by an event (stop or lost leadership)."""
+
+
+async def until(work: Awaitable[T], *events: asyncio.Event) -> T:
+    """Await ``work`` unless one of ``events`` fires first (then raise Stopped)."""
+    task = asyncio.ensure_future(work)
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait([task, *waiters], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise Stopped()
+
+
+class Server:
+    def __init__(
+        self,
+        client: Etcd3Client,
+        storage: Storage,
+        name: str,
+        interval: float,
+        session_ttl: int,
+        metrics: ServerMetrics,
+    ) -> None:
+        self.client = client
+        self.storage = storage
+        self.name = name
+        self.interval = interval
+        self.session_ttl = session_ttl
+        self.metrics = metrics
+        self.stop_requested = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Campaign and lead until ``stop_requested`` is set."""
+        while not self.stop_requested.is_set():
+            election = Election(self.client, self.storage, self.name, self.session_ttl)
+            try:
+                leader = await until(election.campaign(), self.stop_requested)
+                self.metrics.leader.set(1)
+                await until(self.lead(leader), self.stop_requested, election.lost)
+            except Stopped:
+                pass
+            except (NotLeader, LeadershipLost) as exc:
+                log.warning("stepping down", reason=str(exc))
+            except EtcdError as exc:
+                log.error("etcd error; campaigning again", error=str(exc).splitlines()[0])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_requested.wait(), 1.0)
+            finally:
+                was_leader = election.leader_key is not None
+                self.metrics.leader.set(0)
+                await election.resign()
+                if was_leader:
+                    log.info("resigned leadership", name=self.name)
+
+    # -- as leader -------------------------------------------------------------------------
+
+    async def lead(self, leader: LeaderKey) -> None:
+        await self.cancel_unfinished_records(leader)
+        watcher = asyncio.create_task(self._watch_config())
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    decision = await self.step(leader)
+                except EtcdError as exc:
+                    log.error("etcd error in the control loop", error=str(exc).splitlines()[0])
+                    await asyncio.sleep(1.0)
+                    continue
+                if decision.operators:
+                    operator = decision.operators[0]
+                    self.metrics.progressing.set(1)
+                    try:
+                        record = await run_operation(self.storage, leader, operator, OpContext())
+                    finally:
+                        self.metrics.progressing.set(0)
+                    outcome = "error" if record.error else "ok"
+                    self.metrics.operations.labels(operator.name, outcome).inc()
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+
+    async def cancel_unfinished_records(self, leader: LeaderKey) -> None:
+        """A record left ``new`` or ``running`` belongs to a leader that died mid-way."""
+        for record in await self.storage.unfinished_records():
+            record.cancel(f"cancelled by the new leader {self.name}")
+            await self.storage.update_record(leader, record)
+            log.warning(
+                "cancelled an unfinished operation", record=record.id, operation=record.operation
+            )
+
+    async def load_config(self) -> tuple[Cluster | None, Constraints, list[Blocked]]:
+        cluster_raw = await self.storage.get_cluster()
+        constraints_raw = await self.storage.get_constraints()
+        try:
+            constraints = constraints_from_json(
+                constraints_raw.value.decode() if constraints_raw.value else None
+            )
+            cluster = cluster_from_json(cluster_raw.value.decode()) if cluster_raw.value else None
+            if cluster is not None:
+                validate_cluster(cluster, constraints)
+        except ClusterError as exc:
+            blocked = Blocked("valid-configuration", f"stored configuration is invalid: {exc}")
+            return None, Constraints(), [blocked]
+        return cluster, constraints, []
+
+    async def collect_status(self, cluster: Cluster | None) -> ClusterStatus:
+        return ClusterStatus()
+
+    async def step(self, leader: LeaderKey) -> Decision:
+        cluster, constraints, config_blocked = await self.load_config()
+        if config_blocked:
+            decision = Decision([], Phase.CONFIG_INVALID, config_blocked)
+        else:
+            status = await self.collect_status(cluster)
+            decision = decide(cluster, constraints, status)
+        previous = await self.storage.get_status()
+        last_operation = previous.last_operation if previous else ""
+        if decision.operators:
+            last_operation = decision.operators[0].name
+        await self.storage.put_status(
+            leader,
+            Status(
+                phase=decision.phase.value,
+                timestamp=now_rfc3339(),
+                leader=self.name,
+                blocked=[b.to_dict() for b in decision.blocked],
+                last_operation=last_operation,
+            ),
+        )
+        self.metrics.set_phase(decision.phase.value)
+        log.debug("decided", phase=decision.phase.value, operations=len(decision.operators))
+        return decision
+
+    async def _watch_config(self) -> None:
+        """Wake the loop when the cluster or the constraints change."""
+        assert self.client.watch is not None
+        start = self.storage.key(KEY_CLUSTER)
+        end = self.storage.key(KEY_CONSTRAINTS)
+        # ``cluster`` < ``constraints`` < ``constraints\0``: one range covers both keys.
+        async for response in self.client.watch.watch(start, range_end=end + b"\0"):
+            keys = {e.kv.key for e in response.events}
+            if keys & {start, end}:
+                self._wake.set()

@@ -1,0 +1,30 @@
+"""The phases of CKE's decision function (``server/strategy.go``)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    UPGRADE = "upgrade"
+    UPGRADE_ABORTED = "upgrade-aborted"
+    RIVERS = "rivers"
+    ETCD_BOOT = "etcd-boot"
+    ETCD_BOOT_ABORTED = "etcd-boot-aborted"
+    ETCD_START = "etcd-start"
+    ETCD_WAIT = "etcd-wait"
+    K8S_START = "k8s-start"
+    ETCD_MAINTAIN = "etcd-maintain"
+    K8S_MAINTAIN = "k8s-maintain"
+    STOP_CONTROL_PLANE = "stop-control-plane"
+    UNCORDON = "uncordon"
+    REPAIR = "repair"
+    REBOOT = "reboot"
+    COMPLETED = "completed"
+    # Not CKE's: the stored cluster or constraints cannot be used (see status.blocked).
+    CONFIG_INVALID = "config-invalid"
+    # Not CKE's: there is no cluster configuration yet.
+    WAITING_FOR_CLUSTER = "waiting-for-cluster"
+
+
+ALL_PHASES = tuple(p.value for p in Phase)

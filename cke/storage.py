@@ -1,0 +1,298 @@
+"""The etcd key layout of cke and every read and write of it.
+
+All keys live under the configured prefix (default ``/cke/``), as in CKE's
+``docs/schema.md``:
+
+=========================  ====================================================
+``cluster``                the cluster configuration (JSON)
+``constraints``            the constraints (JSON)
+``vault``                  Vault connection: endpoint, role-id, secret-id, ca-cert
+``ca/<name>``              CA certificates (PEM)
+``records``                the next operation record id (decimal)
+``records/<016x id>``      operation records (JSON)
+``leader/<lease hex>``     election candidates; the oldest is the leader
+``status``                 the leader's view: phase, timestamp, leader, blocked
+``hostkeys/<address>``     pinned SSH host keys of nodes
+``sabakan/…``              sabakan integration settings
+``reboots/…``, ``repairs/…`` the reboot and repair queues
+=========================  ====================================================
+
+Every write the leader makes goes through ``Storage.fenced`` with its
+``LeaderKey``: the transaction also checks that the leader key still exists with
+the create revision it had when this replica won, so a replica that lost its
+lease (paused, partitioned) can change nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from etcd3aio import Etcd3Client, SortOrder, SortTarget, prefix_range_end
+from etcd3aio._protobuf import Compare, RequestOp
+
+from cke.records import Record
+
+KEY_CLUSTER = "cluster"
+KEY_CONSTRAINTS = "constraints"
+KEY_VAULT = "vault"
+KEY_CA_PREFIX = "ca/"
+KEY_RECORDS = "records"
+KEY_RECORDS_PREFIX = "records/"
+KEY_LEADER_PREFIX = "leader/"
+KEY_STATUS = "status"
+KEY_HOSTKEYS_PREFIX = "hostkeys/"
+KEY_SABAKAN_PREFIX = "sabakan/"
+KEY_REBOOTS_PREFIX = "reboots/"
+KEY_REPAIRS_PREFIX = "repairs/"
+
+DEFAULT_RECORD_LIMIT = 1000
+
+
+class NotLeader(Exception):
+    """A fenced write failed: this replica is no longer the leader."""
+
+
+class Conflict(Exception):
+    """A compare-and-swap lost against a concurrent writer."""
+
+
+@dataclass(frozen=True)
+class LeaderKey:
+    """Proof of leadership: the election key and the revision that created it."""
+
+    key: bytes
+    create_revision: int
+    lease_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A value with its mod revision (0 when the key does not exist)."""
+
+    value: bytes | None
+    mod_revision: int
+
+
+@dataclass
+class Status:
+    """What the leader last decided, for ``ckecli status`` and the metrics."""
+
+    phase: str = ""
+    timestamp: str = ""
+    leader: str = ""
+    blocked: list[dict[str, Any]] = field(default_factory=list)
+    last_operation: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "phase": self.phase,
+                "timestamp": self.timestamp,
+                "leader": self.leader,
+                "blocked": self.blocked,
+                "last-operation": self.last_operation,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> Status:
+        doc = json.loads(text)
+        return cls(
+            phase=doc.get("phase", ""),
+            timestamp=doc.get("timestamp", ""),
+            leader=doc.get("leader", ""),
+            blocked=list(doc.get("blocked", [])),
+            last_operation=doc.get("last-operation", ""),
+        )
+
+
+def record_key_suffix(record_id: int) -> str:
+    return f"{record_id:016x}"
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Storage:
+    """cke's data in etcd. One instance per process; the client is shared."""
+
+    def __init__(self, client: Etcd3Client, prefix: str = "/cke/", timeout: float = 5.0) -> None:
+        if client.kv is None:
+            raise RuntimeError("etcd client is not connected")
+        self.client = client
+        self.kv = client.kv
+        self.prefix = prefix
+        self.timeout = timeout
+        self.record_limit = DEFAULT_RECORD_LIMIT
+
+    def key(self, name: str) -> bytes:
+        return (self.prefix + name).encode()
+
+    # -- generic ----------------------------------------------------------------------------
+
+    async def get(self, name: str) -> Versioned:
+        resp = await self.kv.get(self.key(name), timeout=self.timeout)
+        if not resp.kvs:
+            return Versioned(None, 0)
+        return Versioned(resp.kvs[0].value, resp.kvs[0].mod_revision)
+
+    async def compare_and_put(self, name: str, value: str | bytes, mod_revision: int) -> None:
+        """Write ``name`` only if it is still at ``mod_revision`` (0: does not exist)."""
+        resp = await self.kv.txn(
+            compare=[self._mod_revision_is(self.key(name), mod_revision)],
+            success=[self.kv.txn_op_put(self.key(name), value)],
+            timeout=self.timeout,
+        )
+        if not resp.succeeded:
+            raise Conflict(f"{name} was changed by someone else; read it again")
+
+    async def fenced(
+        self,
+        leader: LeaderKey,
+        ops: Sequence[RequestOp],
+        compares: Sequence[Compare] = (),
+    ) -> bool:
+        """Apply ``ops`` atomically if this replica still leads and ``compares`` hold.
+
+        Raises NotLeader when the leader key is gone or is another's; returns
+        False when only ``compares`` failed.
+        """
+        leader_check = Compare(
+            result=Compare.EQUAL,
+            target=Compare.CREATE,
+            key=leader.key,
+            create_revision=leader.create_revision,
+        )
+        resp = await self.kv.txn(
+            compare=[leader_check, *compares],
+            success=list(ops),
+            failure=[self.kv.txn_op_get(leader.key)],
+            timeout=self.timeout,
+        )
+        if resp.succeeded:
+            return True
+        kvs = resp.responses[0].response_range.kvs
+        if not kvs or kvs[0].create_revision != leader.create_revision:
+            raise NotLeader(f"leader key {leader.key.decode()} is gone; stepping down")
+        return False
+
+    @staticmethod
+    def _mod_revision_is(key: bytes, mod_revision: int) -> Compare:
+        return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=mod_revision)
+
+    # -- cluster and constraints (written by ckecli) ------------------------------------------
+
+    async def get_cluster(self) -> Versioned:
+        return await self.get(KEY_CLUSTER)
+
+    async def get_constraints(self) -> Versioned:
+        return await self.get(KEY_CONSTRAINTS)
+
+    async def put_cluster_and_constraints(
+        self,
+        cluster_json: str | None,
+        cluster_revision: int,
+        constraints_json: str | None,
+        constraints_revision: int,
+    ) -> None:
+        """Store cluster and/or constraints in one transaction, if neither changed meanwhile.
+
+        Both revisions are checked even when only one value is written, because the
+        validity of each depends on the other.
+        """
+        ops = []
+        if cluster_json is not None:
+            ops.append(self.kv.txn_op_put(self.key(KEY_CLUSTER), cluster_json))
+        if constraints_json is not None:
+            ops.append(self.kv.txn_op_put(self.key(KEY_CONSTRAINTS), constraints_json))
+        resp = await self.kv.txn(
+            compare=[
+                self._mod_revision_is(self.key(KEY_CLUSTER), cluster_revision),
+                self._mod_revision_is(self.key(KEY_CONSTRAINTS), constraints_revision),
+            ],
+            success=ops,
+            timeout=self.timeout,
+        )
+        if not resp.succeeded:
+            raise Conflict("the cluster or constraints changed meanwhile; run the command again")
+
+    # -- leader and status ----------------------------------------------------------------------
+
+    async def leader_candidates(self) -> list[tuple[bytes, int, str]]:
+        """(key, create revision, name) of every candidate, oldest first."""
+        start = self.key(KEY_LEADER_PREFIX)
+        resp = await self.kv.get(
+            start,
+            range_end=prefix_range_end(start),
+            sort_order=SortOrder.ASCEND,
+            sort_target=SortTarget.CREATE,
+            timeout=self.timeout,
+        )
+        return [(kv.key, kv.create_revision, kv.value.decode()) for kv in resp.kvs]
+
+    async def get_leader_name(self) -> str | None:
+        candidates = await self.leader_candidates()
+        return candidates[0][2] if candidates else None
+
+    async def get_status(self) -> Status | None:
+        got = await self.get(KEY_STATUS)
+        return Status.from_json(got.value) if got.value is not None else None
+
+    async def put_status(self, leader: LeaderKey, status: Status) -> None:
+        ok = await self.fenced(leader, [self.kv.txn_op_put(self.key(KEY_STATUS), status.to_json())])
+        if not ok:  # no extra compares: only the leader check can fail
+            raise NotLeader("status write refused")
+
+    # -- operation records ----------------------------------------------------------------------
+
+    async def register_record(self, leader: LeaderKey, record: Record) -> Record:
+        """Give ``record`` the next id and store it; drop records beyond the limit."""
+        for _ in range(10):
+            got = await self.get(KEY_RECORDS)
+            next_id = int(got.value.decode()) if got.value else 1
+            record.id = next_id
+            ops = [
+                self.kv.txn_op_put(self.key(KEY_RECORDS), str(next_id + 1)),
+                self.kv.txn_op_put(
+                    self.key(KEY_RECORDS_PREFIX + record_key_suffix(next_id)), record.to_json()
+                ),
+            ]
+            oldest_kept = next_id - self.record_limit + 1
+            if oldest_kept > 1:
+                ops.append(
+                    self.kv.txn_op_delete(
+                        self.key(KEY_RECORDS_PREFIX),
+                        range_end=self.key(KEY_RECORDS_PREFIX + record_key_suffix(oldest_kept)),
+                    )
+                )
+            compare = self._mod_revision_is(self.key(KEY_RECORDS), got.mod_revision)
+            if await self.fenced(leader, ops, [compare]):
+                return record
+        raise Conflict("could not allocate a record id")
+
+    async def update_record(self, leader: LeaderKey, record: Record) -> None:
+        key = self.key(KEY_RECORDS_PREFIX + record_key_suffix(record.id))
+        if not await self.fenced(leader, [self.kv.txn_op_put(key, record.to_json())]):
+            raise NotLeader("record write refused")
+
+    async def get_records(self, count: int = 0) -> list[Record]:
+        """The newest ``count`` records (all when 0), newest first."""
+        start = self.key(KEY_RECORDS_PREFIX)
+        resp = await self.kv.get(
+            start,
+            range_end=prefix_range_end(start),
+            sort_order=SortOrder.DESCEND,
+            sort_target=SortTarget.KEY,
+            limit=count,
+            timeout=self.timeout,
+        )
+        return [Record.from_json(kv.value) for kv in resp.kvs]
+
+    async def unfinished_records(self) -> list[Record]:
+        return [r for r in await self.get_records(10) if r.status in ("new", "running")]

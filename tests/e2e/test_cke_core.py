@@ -1,0 +1,256 @@
+"""cke replicas on a 3-member etcd: election, fencing, records, ckecli."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from etcd3aio import Etcd3Client, prefix_range_end
+
+from cke.common.etcd import make_client
+from cke.devenv import BedConfig, TestBed
+from cke.devenv.replicas import CkeReplica, ckecli, write_cke_config
+from cke.records import Record
+from cke.storage import KEY_RECORDS, KEY_RECORDS_PREFIX, KEY_STATUS, record_key_suffix
+
+GOOD_CLUSTER = """
+name: test
+nodes:
+  - address: 10.0.0.1
+    hostname: cp1
+    user: root
+    control_plane: true
+  - address: 10.0.0.2
+    hostname: w1
+    user: root
+service_subnet: 10.68.0.0/16
+"""
+
+
+@pytest.fixture(scope="module")
+async def etcd3() -> AsyncIterator[TestBed]:
+    bed = TestBed(BedConfig(etcd_members=3, nodes=0, vault=False))
+    await bed.start()
+    try:
+        yield bed
+    finally:
+        await bed.stop()
+
+
+class Deployment:
+    """Three cke replicas sharing one prefix on the bed's etcd."""
+
+    def __init__(self, bed: TestBed, ttl: str = "3s") -> None:
+        self.bed = bed
+        self.prefix = f"/cke-{uuid.uuid4().hex[:8]}/"
+        self.dir = bed.base_dir / self.prefix.strip("/")
+        self.config = write_cke_config(bed.etcd.settings(self.prefix), self.dir / "config.yml")
+        self.replicas = [
+            CkeReplica(f"cke{i}", self.config, self.dir, session_ttl=ttl) for i in range(3)
+        ]
+        self.client: Etcd3Client = make_client(bed.etcd.settings(self.prefix))
+
+    async def __aenter__(self) -> Deployment:
+        await self.client.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for r in self.replicas:
+            await r.resume()
+            await r.stop()
+        await self.client.close()
+
+    async def start(self) -> None:
+        for r in self.replicas:
+            await r.start()
+
+    def replica(self, name: str) -> CkeReplica:
+        return next(r for r in self.replicas if r.name == name)
+
+    async def status(self) -> dict[str, str]:
+        assert self.client.kv is not None
+        got = await self.client.kv.get(self.prefix + KEY_STATUS, timeout=5)
+        return json.loads(got.kvs[0].value) if got.kvs else {}
+
+    async def wait_status(
+        self, predicate: str | None = None, timeout: float = 20.0, not_leader: str = ""
+    ) -> dict[str, str]:
+        """Wait for a status written after now by a leader (other than ``not_leader``)."""
+        deadline = time.monotonic() + timeout
+        started = time.time()
+        while time.monotonic() < deadline:
+            st = await self.status()
+            if st and st["leader"] and st["leader"] != not_leader:
+                written = time.mktime(time.strptime(st["timestamp"], "%Y-%m-%dT%H:%M:%SZ"))
+                written -= time.timezone
+                if written >= int(started) and (predicate is None or st["phase"] == predicate):
+                    return st
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no fresh status in {timeout}s; last: {await self.status()}")
+
+    async def leader(self) -> str:
+        result = await ckecli(self.config, "leader")
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+
+async def test_exactly_one_leader_over_a_bounded_run(etcd3: TestBed) -> None:
+    async with Deployment(etcd3) as d:
+        await d.start()
+        first = await d.wait_status()
+        leader_name = first["leader"]
+        for _ in range(20):
+            flags = [await r.metric("cke_leader") for r in d.replicas]
+            assert flags.count(1.0) == 1, flags
+            assert d.replicas[flags.index(1.0)].name == leader_name
+            await asyncio.sleep(0.2)
+        assert await d.leader() == leader_name
+
+
+async def test_killed_leader_is_replaced_within_ttl(etcd3: TestBed) -> None:
+    async with Deployment(etcd3, ttl="3s") as d:
+        await d.start()
+        old = (await d.wait_status())["leader"]
+        killed_at = time.monotonic()
+        await d.replica(old).kill()
+        new = await d.wait_status(not_leader=old, timeout=10)
+        took = time.monotonic() - killed_at
+        assert new["leader"] != old
+        assert took <= 3 + 2 + 1, f"new leader acted after {took:.1f}s"  # +1: status granularity
+
+
+async def test_sigterm_leader_resigns_at_once(etcd3: TestBed) -> None:
+    async with Deployment(etcd3, ttl="10s") as d:
+        await d.start()
+        old = (await d.wait_status())["leader"]
+        stopped_at = time.monotonic()
+        code = await d.replica(old).stop()
+        assert code == 0
+        new = await d.wait_status(not_leader=old, timeout=10)
+        took = time.monotonic() - stopped_at
+        assert new["leader"] != old
+        assert took <= 2 + 1, f"successor acted after {took:.1f}s"  # +1: status granularity
+        assert "resigned leadership" in d.replica(old).log()
+
+
+async def test_paused_leader_writes_nothing_after_losing_its_lease(etcd3: TestBed) -> None:
+    async with Deployment(etcd3, ttl="2s") as d:
+        await d.start()
+        old = (await d.wait_status())["leader"]
+        paused = d.replica(old)
+        await paused.pause()
+        new = (await d.wait_status(not_leader=old, timeout=15))["leader"]
+        assert d.client.kv is not None and d.client.watch is not None
+        revision = (await d.client.kv.get(d.prefix + KEY_STATUS)).header.revision
+        writers: list[str] = []
+
+        async def collect() -> None:
+            assert d.client.watch is not None
+            start = d.prefix.encode()
+            async for resp in d.client.watch.watch(
+                start, range_end=prefix_range_end(start), start_revision=revision + 1
+            ):
+                for event in resp.events:
+                    if event.kv.key == (d.prefix + KEY_STATUS).encode():
+                        writers.append(json.loads(event.kv.value)["leader"])
+
+        watcher = asyncio.create_task(collect())
+        await paused.resume()
+        await asyncio.sleep(4)
+        watcher.cancel()
+        assert writers, "the new leader kept writing its status"
+        assert set(writers) == {new}, f"status written by {set(writers)} after the pause"
+        assert await paused.metric("cke_leader") == 0.0
+        log = paused.log()
+        assert "lost leadership" in log or "stepping down" in log
+
+
+async def test_unfinished_record_is_cancelled_by_the_next_leader(etcd3: TestBed) -> None:
+    async with Deployment(etcd3) as d:
+        assert d.client.kv is not None
+        stale = Record("etcd-add-member", ["10.0.0.3"], id=7, status="running")
+        stale.start_command("add-member", "10.0.0.3", "")
+        await d.client.kv.put(d.prefix + KEY_RECORDS, "8")
+        await d.client.kv.put(d.prefix + KEY_RECORDS_PREFIX + record_key_suffix(7), stale.to_json())
+        await d.start()
+        leader = (await d.wait_status())["leader"]
+        history = await ckecli(d.config, "history", "-o", "json")
+        assert history.returncode == 0, history.stderr
+        records = json.loads(history.stdout)
+        assert records[0]["id"] == "7"
+        assert records[0]["status"] == "cancelled"
+        assert leader in records[0]["error"]
+        assert records[0]["end-at"]
+
+
+async def test_everything_works_with_one_etcd_member_down(etcd3: TestBed) -> None:
+    async with Deployment(etcd3) as d:
+        await d.start()
+        await d.wait_status()
+        await etcd3.etcd.stop_member("etcd2", kill=True)
+        try:
+            path = d.dir / "cluster.yml"
+            path.write_text(GOOD_CLUSTER)
+            stored = await ckecli(d.config, "cluster", "set", str(path))
+            assert stored.returncode == 0, stored.stderr
+            st = await d.wait_status("completed", timeout=15)
+            assert st["leader"] in {r.name for r in d.replicas}
+            got = await ckecli(d.config, "cluster", "get", "-o", "json")
+            assert json.loads(got.stdout)["nodes"][0]["address"] == "10.0.0.1"
+        finally:
+            await etcd3.etcd.start_member("etcd2")
+
+
+async def _snapshot(client: Etcd3Client, prefix: str) -> list[tuple[bytes, int]]:
+    assert client.kv is not None
+    resp = await client.kv.get(prefix, range_end=prefix_range_end(prefix.encode()))
+    return [(kv.key, kv.mod_revision) for kv in resp.kvs]
+
+
+async def test_ckecli_cluster_set_refuses_a_bad_file_and_changes_nothing(
+    etcd3: TestBed, tmp_path: Path
+) -> None:
+    async with Deployment(etcd3) as d:
+        good = tmp_path / "good.yml"
+        good.write_text(GOOD_CLUSTER)
+        assert (await ckecli(d.config, "cluster", "set", str(good))).returncode == 0
+        before = await _snapshot(d.client, d.prefix)
+        bad = tmp_path / "bad.yml"
+        bad.write_text(GOOD_CLUSTER.replace("10.0.0.2", "10.0.0.1"))
+        result = await ckecli(d.config, "cluster", "set", str(bad))
+        assert result.returncode == 1
+        assert "nodes[1].address" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert await _snapshot(d.client, d.prefix) == before
+
+
+async def test_ckecli_cluster_and_constraints_round_trip(etcd3: TestBed, tmp_path: Path) -> None:
+    async with Deployment(etcd3) as d:
+        path = tmp_path / "c.yml"
+        path.write_text(GOOD_CLUSTER)
+        first = await ckecli(d.config, "cluster", "set", str(path))
+        assert first.returncode == 0 and "+- address: 10.0.0.1" in first.stdout
+        again = await ckecli(d.config, "cluster", "set", str(path))
+        assert again.stdout.strip() == "cluster unchanged"
+        yaml_out = await ckecli(d.config, "cluster", "get")
+        assert "10.0.0.2" in yaml_out.stdout
+        # Two control planes would contradict control-plane-count 1 ...
+        two = await ckecli(d.config, "constraints", "set", "control-plane-count", "2")
+        assert two.returncode == 1 and "control-plane-count" in two.stderr
+        bad = await ckecli(d.config, "constraints", "set", "no-such-thing", "1")
+        assert bad.returncode == 1 and "no-such-thing" in bad.stderr
+        ok = await ckecli(d.config, "constraints", "set", "maximum-repair-queue-entries", "5")
+        assert ok.returncode == 0, ok.stderr
+        shown = await ckecli(d.config, "constraints", "show", "-o", "json")
+        doc = json.loads(shown.stdout)
+        assert doc["maximum-repair-queue-entries"] == 5
+        assert doc["control-plane-count"] == 1
+        status = await ckecli(d.config, "status", "-o", "yaml")
+        assert status.returncode == 0 and "phase:" in status.stdout
+        no_leader = await ckecli(d.config, "leader")
+        assert no_leader.returncode == 1 and "no leader" in no_leader.stderr

@@ -1,0 +1,78 @@
+"""The decision function's shape, phases, records and cke's flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from cke.cli.cke_main import main as cke_main
+from cke.cluster import Constraints, parse_cluster
+from cke.records import Record
+from cke.server.phases import ALL_PHASES, Phase
+from cke.server.strategy import ClusterStatus, Decision, decide
+
+CKE_PHASES = {
+    "upgrade",
+    "rivers",
+    "etcd-boot",
+    "etcd-start",
+    "etcd-wait",
+    "k8s-start",
+    "etcd-maintain",
+    "k8s-maintain",
+    "stop-control-plane",
+    "uncordon",
+    "repair",
+    "reboot",
+    "completed",
+}
+
+
+def test_phases_include_ckes() -> None:
+    assert set(ALL_PHASES) >= CKE_PHASES
+    assert any(p.endswith("-aborted") for p in ALL_PHASES)
+
+
+def test_decide_without_cluster_waits() -> None:
+    decision = decide(None, Constraints(), ClusterStatus())
+    assert isinstance(decision, Decision)
+    assert decision.operators == [] and decision.phase is Phase.WAITING_FOR_CLUSTER
+
+
+def test_decide_with_empty_status_returns_no_operations() -> None:
+    cluster = parse_cluster(
+        "name: c\nservice_subnet: 10.68.0.0/16\n"
+        "nodes:\n- {address: 10.0.0.1, user: root, control_plane: true}\n"
+    )
+    decision = decide(cluster, Constraints(), ClusterStatus())
+    assert decision.operators == [] and decision.phase is Phase.COMPLETED
+    assert decision.blocked == []
+
+
+def test_record_round_trip_and_cancel() -> None:
+    record = Record("etcd-bootstrap", ["10.0.0.1"], id=12)
+    step = record.start_command("write-file", "10.0.0.1", "/etc/cke/etcd.conf")
+    step.result = "ok"
+    again = Record.from_json(record.to_json())
+    assert again == record and again.status == "running"
+    assert record.to_dict()["command"]["name"] == "write-file"
+    record.cancel("new leader")
+    assert record.status == "cancelled" and record.end_at and record.error == "new leader"
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--interval", "soon"], "--interval"),
+        (["--session-ttl", "0s"], "--session-ttl"),
+        (["--http", "nowhere"], "--http"),
+        (["--max-concurrent-updates", "0"], "--max-concurrent-updates"),
+        (["--logformat", "xml"], "--logformat"),
+        (["--certs-gc-interval", "1"], "--certs-gc-interval"),
+    ],
+)
+def test_cke_bad_flags_exit_2_naming_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cke_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err
