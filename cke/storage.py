@@ -87,6 +87,7 @@ class Status:
     leader: str = ""
     blocked: list[dict[str, Any]] = field(default_factory=list)
     last_operation: str = ""
+    vault: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -96,6 +97,7 @@ class Status:
                 "leader": self.leader,
                 "blocked": self.blocked,
                 "last-operation": self.last_operation,
+                "vault": self.vault,
             }
         )
 
@@ -108,6 +110,7 @@ class Status:
             leader=doc.get("leader", ""),
             blocked=list(doc.get("blocked", [])),
             last_operation=doc.get("last-operation", ""),
+            vault=doc.get("vault", ""),
         )
 
 
@@ -221,6 +224,24 @@ class Storage:
         )
         if not resp.succeeded:
             raise Conflict("the cluster or constraints changed meanwhile; run the command again")
+
+    # -- Vault and CA certificates -------------------------------------------------------------
+
+    async def get_vault_config(self) -> Versioned:
+        return await self.get(KEY_VAULT)
+
+    async def get_ca(self, name: str) -> str | None:
+        got = await self.get(KEY_CA_PREFIX + name)
+        return got.value.decode() if got.value is not None else None
+
+    async def put_many(self, values: dict[str, str]) -> None:
+        """Write several keys in one transaction (all or none)."""
+        if values:
+            await self.kv.txn(
+                compare=[],
+                success=[self.kv.txn_op_put(self.key(k), v) for k, v in values.items()],
+                timeout=self.timeout,
+            )
 
     # -- leader and status ----------------------------------------------------------------------
 

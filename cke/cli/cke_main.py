@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
@@ -16,6 +17,7 @@ from cke.common.logs import get_logger, setup_logging
 from cke.server.control import Server
 from cke.server.metrics import ServerMetrics
 from cke.storage import Storage
+from cke.vault import VaultConfig, VaultSession, parse_vault_config
 
 log = get_logger("cke")
 
@@ -57,13 +59,19 @@ def _duration(args: argparse.Namespace, flag: str) -> float:
     return seconds
 
 
-async def _serve(args: argparse.Namespace, interval: float, ttl: int) -> int:
+async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interval: float) -> int:
     settings = load_etcd_settings(args.config)
     client = make_client(settings)
     await client.connect()
     storage = Storage(client, settings.prefix, timeout=max(settings.timeout, 2.0))
     metrics = ServerMetrics()
-    server = Server(client, storage, args.name, interval, ttl, metrics)
+
+    async def vault_config() -> VaultConfig | None:
+        stored = await storage.get_vault_config()
+        return parse_vault_config(stored.value) if stored.value is not None else None
+
+    vault = VaultSession(vault_config)
+    server = Server(client, storage, args.name, interval, ttl, metrics, vault, gc_interval)
 
     async def health() -> tuple[bool, str]:
         try:
@@ -78,9 +86,13 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop_requested.set)
     log.info("cke started", name=args.name, http=args.http, interval=interval, session_ttl=ttl)
+    vault_task = asyncio.create_task(vault.run(), name="vault-session")
     try:
         await server.run()
     finally:
+        vault_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await vault_task
         await runner.cleanup()
         await client.close()
     log.info("cke stopped", name=args.name)
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         interval = _duration(args, "--interval")
         ttl_seconds = _duration(args, "--session-ttl")
-        _duration(args, "--certs-gc-interval")
+        gc_interval = _duration(args, "--certs-gc-interval")
         if ttl_seconds < 1:
             raise FlagError("--session-ttl: must be at least 1s")
         if args.max_concurrent_updates < 1:
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cke: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_serve(args, interval, round(ttl_seconds)))
+        return asyncio.run(_serve(args, interval, round(ttl_seconds), gc_interval))
     except ConfigError as exc:
         print(f"cke: {exc}", file=sys.stderr)
         return 1

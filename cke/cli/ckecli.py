@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import difflib
 import json
+import os
+import secrets
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+import asyncssh
 import yaml
+from cryptography import x509
 from etcd3aio import EtcdError
 
 from cke.cluster import (
@@ -26,9 +32,13 @@ from cke.cluster import (
     set_constraint,
     validate_cluster,
 )
+from cke.common.durations import parse_duration
 from cke.common.etcd import ConfigError, load_etcd_settings, make_client
+from cke.pki import CA_BY_NAME, SECRETS_MOUNT, CertIssuer, IssuedCert
 from cke.records import Record
-from cke.storage import Conflict, Storage
+from cke.storage import KEY_CA_PREFIX, KEY_VAULT, Conflict, Storage
+from cke.vault import Vault, VaultError, parse_vault_config
+from cke.vaultsetup import init_vault
 
 
 class CLIError(Exception):
@@ -163,6 +173,7 @@ def _status_text(doc: dict[str, Any]) -> str:
         f"leader: {doc['leader'] or '(none)'}",
         f"phase: {doc['phase'] or '(unknown)'}",
         f"updated: {doc['timestamp'] or '(never)'}",
+        f"vault: {doc.get('vault') or '(unknown)'}",
     ]
     last = doc.get("last-record")
     if last:
@@ -191,9 +202,164 @@ async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
         "phase": status.phase if status else "",
         "timestamp": status.timestamp if status else "",
         "blocked": status.blocked if status else [],
+        "vault": status.vault if status else "",
         "last-record": records[0].to_dict() if records else None,
     }
     _emit(doc, args.output, _status_text)
+
+
+async def _read_input(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return await asyncio.to_thread(Path(path).read_text)
+    except OSError as exc:
+        raise CLIError(f"{path}: {exc.strerror}") from exc
+
+
+async def _vault_from_etcd(storage: Storage) -> Vault:
+    """Log in to Vault as cke does, with the AppRole stored by ``vault config``."""
+    stored = await storage.get_vault_config()
+    if stored.value is None:
+        raise CLIError("Vault is not configured; run 'ckecli vault init' or 'vault config'")
+    config = parse_vault_config(stored.value)
+    vault = Vault(config.endpoint, config.ca_cert)
+    try:
+        await vault.login_approle(config.role_id, config.secret_id)
+    except VaultError as exc:
+        vault.close()
+        raise CLIError(f"vault login: {exc}") from exc
+    return vault
+
+
+async def cmd_vault_init(storage: Storage, args: argparse.Namespace) -> None:
+    endpoint = os.environ.get("VAULT_ADDR", "")
+    token = os.environ.get("VAULT_TOKEN", "")
+    if not endpoint:
+        raise CLIError("VAULT_ADDR: required (the Vault URL)")
+    if not token:
+        raise CLIError("VAULT_TOKEN: required (a token allowed to set Vault up)")
+    ca_cert = None
+    if os.environ.get("VAULT_CACERT"):
+        ca_cert = await _read_input(os.environ["VAULT_CACERT"])
+    admin = Vault(endpoint, ca_cert, token=token)
+    try:
+        changes = await init_vault(admin, storage, endpoint, ca_cert)
+    except VaultError as exc:
+        raise CLIError(f"vault init: {exc}") from exc
+    finally:
+        admin.close()
+    if not changes:
+        print("vault init: nothing to do; Vault is already set up for cke")
+    for change in changes:
+        print(f"vault init: {change}")
+
+
+async def cmd_vault_config(storage: Storage, args: argparse.Namespace) -> None:
+    text = await _read_input(args.file)
+    try:
+        config = parse_vault_config(text)
+    except VaultError as exc:
+        raise CLIError(f"vault config: {exc}") from exc
+    probe = Vault(config.endpoint, config.ca_cert)
+    try:
+        await probe.login_approle(config.role_id, config.secret_id)
+    except VaultError as exc:
+        raise CLIError(f"vault config: AppRole login failed, nothing stored: {exc}") from exc
+    finally:
+        probe.close()
+    await storage.put_many({KEY_VAULT: config.to_json()})
+    print("vault config stored")
+
+
+async def cmd_vault_ssh_privkey(storage: Storage, args: argparse.Namespace) -> None:
+    key_text = await _read_input(args.file)
+    try:
+        asyncssh.import_private_key(key_text)
+    except (asyncssh.KeyImportError, ValueError):
+        raise CLIError(f"{args.file}: not an unencrypted SSH private key") from None
+    vault = await _vault_from_etcd(storage)
+    try:
+        keys = await vault.read_kv(SECRETS_MOUNT, "ssh") or {}
+        keys[args.host] = key_text
+        await vault.write_kv(SECRETS_MOUNT, "ssh", keys)
+    finally:
+        vault.close()
+    print(f"stored the SSH key for {args.host or 'every node (default)'}")
+
+
+async def cmd_vault_enckey(storage: Storage, args: argparse.Namespace) -> None:
+    vault = await _vault_from_etcd(storage)
+    try:
+        if await vault.read_kv(SECRETS_MOUNT, "k8s"):
+            print("an encryption key exists already; nothing changed")
+            return
+        key = {
+            "name": f"key-{int(time.time())}",
+            "secret": base64.b64encode(secrets.token_bytes(32)).decode(),
+        }
+        await vault.write_kv(SECRETS_MOUNT, "k8s", {"aescbc": json.dumps([key])})
+    finally:
+        vault.close()
+    print("created the Kubernetes encryption key")
+
+
+async def cmd_ca_set(storage: Storage, args: argparse.Namespace) -> None:
+    if args.name not in CA_BY_NAME:
+        raise CLIError(f"NAME: want one of {', '.join(CA_BY_NAME)}")
+    pem = await _read_input(args.file)
+    try:
+        x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        raise CLIError(f"{args.file}: not a PEM certificate") from None
+    await storage.put_many({KEY_CA_PREFIX + args.name: pem})
+
+
+async def cmd_ca_get(storage: Storage, args: argparse.Namespace) -> None:
+    if args.name not in CA_BY_NAME:
+        raise CLIError(f"NAME: want one of {', '.join(CA_BY_NAME)}")
+    pem = await storage.get_ca(args.name)
+    if pem is None:
+        raise CLIError(f"no CA certificate stored for {args.name}")
+    print(pem, end="")
+
+
+def _write_cert_files(prefix: str, cert: IssuedCert) -> None:
+    Path("etcd-ca.crt").write_text(cert.ca_certificate)
+    Path(f"{prefix}.crt").write_text(cert.certificate)
+    fd = os.open(f"{prefix}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(cert.private_key)
+    print(f"wrote etcd-ca.crt, {prefix}.crt and {prefix}.key (0600)")
+
+
+async def _issue_etcd(storage: Storage, user: str, ttl: str | None, output: str) -> None:
+    vault = await _vault_from_etcd(storage)
+    try:
+        cert = await CertIssuer(vault).etcd_client(user, ttl)
+    except VaultError as exc:
+        raise CLIError(f"issue: {exc}") from exc
+    finally:
+        vault.close()
+    if output == "file":
+        await asyncio.to_thread(_write_cert_files, f"etcd-{user}", cert)
+    else:
+        print(json.dumps(cert.to_json_dict(), indent=2))
+
+
+async def cmd_etcd_root_issue(storage: Storage, args: argparse.Namespace) -> None:
+    await _issue_etcd(storage, "root", None, args.output)
+
+
+async def cmd_etcd_issue(storage: Storage, args: argparse.Namespace) -> None:
+    if args.user == "root" or args.user.startswith("system:") or not args.user:
+        raise CLIError("USER: use root-issue for root; system: names are reserved")
+    try:
+        parse_duration(args.ttl)
+    except ValueError as exc:
+        raise CLIError(f"--ttl: {exc}") from exc
+    await _issue_etcd(storage, args.user, args.ttl, args.output)
 
 
 # -- plumbing ----------------------------------------------------------------------------------
@@ -228,11 +394,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("value")
     p.set_defaults(func=cmd_constraints_set)
 
+    vault = sub.add_parser("vault", help="Vault set-up and secrets")
+    vsub = vault.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    p = vsub.add_parser("init", help="set Vault up for cke (VAULT_ADDR, VAULT_TOKEN)")
+    p.set_defaults(func=cmd_vault_init)
+    p = vsub.add_parser("config", help="store the AppRole login (JSON file or -)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_vault_config)
+    p = vsub.add_parser("ssh-privkey", help="store an SSH private key for nodes")
+    p.add_argument("--host", "-host", default="", help="node address (default: every node)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_vault_ssh_privkey)
+    p = vsub.add_parser("enckey", help="create the Kubernetes encryption key if absent")
+    p.set_defaults(func=cmd_vault_enckey)
+
+    ca = sub.add_parser("ca", help="CA certificates stored in etcd")
+    casub = ca.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    p = casub.add_parser("get")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_ca_get)
+    p = casub.add_parser("set")
+    p.add_argument("name")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_ca_set)
+
+    etcd = sub.add_parser("etcd", help="the etcd cluster cke manages")
+    esub = etcd.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    p = esub.add_parser("root-issue", help="a client certificate for root, valid 2h")
+    p.add_argument("--output", "-output", choices=("json", "file"), default="json")
+    p.set_defaults(func=cmd_etcd_root_issue)
+    p = esub.add_parser("issue", help="a client certificate for USER")
+    p.add_argument("--ttl", "-ttl", default="87600h")
+    p.add_argument("--output", "-output", choices=("json", "file"), default="json")
+    p.add_argument("user")
+    p.set_defaults(func=cmd_etcd_issue)
+
     p = sub.add_parser("leader", help="print the current leader")
     reader(p)
     p.set_defaults(func=cmd_leader)
     p = sub.add_parser("history", help="operation records, newest first")
-    p.add_argument("-n", type=int, default=0, help="at most N records (0: all)")
+    p.add_argument(
+        "-n", "--count", dest="n", type=int, default=0, help="at most N records (0: all)"
+    )
     reader(p)
     p.set_defaults(func=cmd_history)
     p = sub.add_parser("status", help="leader, phase, last operation and what is blocked")

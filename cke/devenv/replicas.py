@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -31,7 +32,15 @@ class CkecliResult:
     stderr: str
 
 
-async def ckecli(config: Path, *args: str, stdin: bytes | None = None) -> CkecliResult:
+async def ckecli(
+    config: Path,
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> CkecliResult:
+    """Run ``ckecli --config CONFIG ARGS...`` as an operator would."""
+    full_env = {**os.environ, **(env or {})}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -42,6 +51,8 @@ async def ckecli(config: Path, *args: str, stdin: bytes | None = None) -> Ckecli
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=full_env,
+        cwd=cwd,
     )
     out, err = await proc.communicate(stdin)
     assert proc.returncode is not None
@@ -58,6 +69,7 @@ class CkeReplica:
         log_dir: Path,
         interval: str = "1s",
         session_ttl: str = "3s",
+        certs_gc_interval: str = "1h",
         extra: tuple[str, ...] = (),
     ) -> None:
         self.name = name
@@ -76,6 +88,8 @@ class CkeReplica:
                 interval,
                 "--session-ttl",
                 session_ttl,
+                "--certs-gc-interval",
+                certs_gc_interval,
                 "--http",
                 f"127.0.0.1:{self.http_port}",
                 "--logformat",

@@ -44,6 +44,14 @@ class VaultServer:
             raise RuntimeError("OpenBao is not initialised yet")
         return self._root_token
 
+    def admin_env(self) -> dict[str, str]:
+        """The environment an administrator runs ``ckecli vault init`` with."""
+        return {
+            "VAULT_ADDR": self.address,
+            "VAULT_TOKEN": self.root_token,
+            "VAULT_CACERT": self.ca_path,
+        }
+
     def client(self, token: str | None = None) -> hvac.Client:
         """A synchronous hvac client; call it from a thread inside async code."""
         return hvac.Client(  # type: ignore[no-untyped-call]

@@ -27,6 +27,7 @@ from cke.cluster import (
 )
 from cke.common.logs import get_logger
 from cke.op.base import OpContext
+from cke.pki import CertIssuer
 from cke.server.election import Election, LeadershipLost
 from cke.server.executor import run_operation
 from cke.server.metrics import ServerMetrics
@@ -41,6 +42,7 @@ from cke.storage import (
     Storage,
     now_rfc3339,
 )
+from cke.vault import VaultError, VaultSession
 
 log = get_logger("cke.server")
 
@@ -77,6 +79,8 @@ class Server:
         interval: float,
         session_ttl: int,
         metrics: ServerMetrics,
+        vault: VaultSession | None = None,
+        certs_gc_interval: float = 3600.0,
     ) -> None:
         self.client = client
         self.storage = storage
@@ -84,6 +88,8 @@ class Server:
         self.interval = interval
         self.session_ttl = session_ttl
         self.metrics = metrics
+        self.vault = vault
+        self.certs_gc_interval = certs_gc_interval
         self.stop_requested = asyncio.Event()
         self._wake = asyncio.Event()
 
@@ -115,6 +121,7 @@ class Server:
     async def lead(self, leader: LeaderKey) -> None:
         await self.cancel_unfinished_records(leader)
         watcher = asyncio.create_task(self._watch_config())
+        tidier = asyncio.create_task(self._tidy_certificates()) if self.vault else None
         try:
             while True:
                 self._wake.clear()
@@ -128,7 +135,8 @@ class Server:
                     operator = decision.operators[0]
                     self.metrics.progressing.set(1)
                     try:
-                        record = await run_operation(self.storage, leader, operator, OpContext())
+                        ctx = OpContext({"vault": self.vault})
+                        record = await run_operation(self.storage, leader, operator, ctx)
                     finally:
                         self.metrics.progressing.set(0)
                     outcome = "error" if record.error else "ok"
@@ -137,9 +145,24 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.interval)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
+            for task in (watcher, tidier):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+
+    async def _tidy_certificates(self) -> None:
+        """Tidy every PKI mount each ``--certs-gc-interval`` (leader only, as CKE does)."""
+        assert self.vault is not None
+        while True:
+            await asyncio.sleep(self.certs_gc_interval)
+            try:
+                vault = await self.vault.client(timeout=10)
+                mounts = await CertIssuer(vault).tidy()
+            except VaultError as exc:
+                log.warning("certificate tidy skipped; Vault unavailable", error=str(exc))
+                continue
+            log.info("tidied certificates", mounts=mounts)
 
     async def cancel_unfinished_records(self, leader: LeaderKey) -> None:
         """A record left ``new`` or ``running`` belongs to a leader that died mid-way."""
@@ -187,6 +210,7 @@ class Server:
                 leader=self.name,
                 blocked=[b.to_dict() for b in decision.blocked],
                 last_operation=last_operation,
+                vault=self.vault.state if self.vault else "",
             ),
         )
         self.metrics.set_phase(decision.phase.value)

@@ -1,0 +1,258 @@
+"""Certificates from Vault's PKI: the CAs cke uses and every certificate it issues.
+
+``ckecli vault init`` creates the mounts and roles below (CKE's ``docs/vault.md``);
+``CertIssuer`` is the one place that asks Vault for a certificate, so SANs, key
+usages and TTLs are decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+import hvac
+import hvac.exceptions
+
+from cke.vault import Vault
+
+ROOT_TTL = "876000h"  # 100 years: the roots are replaced by hand, never by expiry
+DEFAULT_CERT_TTL = "8760h"
+ROOT_CLIENT_TTL = "2h"
+USER_CLIENT_TTL = "87600h"
+KEY_TYPE = "ec"
+KEY_BITS = 256
+SECRETS_MOUNT = "cke/secrets"
+POLICY_NAME = "cke"
+APPROLE_NAME = "cke"
+POLICY = """path "cke/*" {
+  capabilities = ["create", "read", "update", "delete", "list", "sudo"]
+}
+"""
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    server: bool
+    client: bool
+    max_ttl: str = "87600h"
+    organization: str = ""
+    ttl: str = DEFAULT_CERT_TTL
+
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "allow_any_name": True,
+            "enforce_hostnames": False,
+            "allow_ip_sans": True,
+            "allow_localhost": True,
+            "server_flag": self.server,
+            "client_flag": self.client,
+            "key_type": KEY_TYPE,
+            "key_bits": KEY_BITS,
+            "max_ttl": self.max_ttl,
+            "ttl": self.ttl,
+            "no_store": False,
+        }
+        if self.organization:
+            params["organization"] = self.organization
+        return params
+
+
+@dataclass(frozen=True)
+class CASpec:
+    name: str  # the name ``ckecli ca get|set`` takes, and ``ca/<name>`` in etcd
+    mount: str
+    common_name: str
+    roles: tuple[Role, ...] = field(default_factory=tuple)
+
+
+CAS: tuple[CASpec, ...] = (
+    CASpec("server", "cke/ca-server", "cke server CA", (Role("system", True, False),)),
+    CASpec("etcd-peer", "cke/ca-etcd-peer", "cke etcd peer CA", (Role("system", True, True),)),
+    CASpec(
+        "etcd-client",
+        "cke/ca-etcd-client",
+        "cke etcd client CA",
+        (
+            Role("system", False, True),
+            Role("admin", False, True, max_ttl=ROOT_CLIENT_TTL, ttl=ROOT_CLIENT_TTL),
+            Role("user", False, True),
+        ),
+    ),
+    CASpec(
+        "kubernetes",
+        "cke/ca-kubernetes",
+        "cke kubernetes CA",
+        (
+            Role("system", True, True),
+            Role("node", False, True, organization="system:nodes"),
+            Role("admin", False, True, organization="system:masters"),
+        ),
+    ),
+    CASpec(
+        "kubernetes-aggregation",
+        "cke/ca-kubernetes-aggregation",
+        "cke kubernetes aggregation CA",
+        (Role("system", False, True),),
+    ),
+    CASpec(
+        "kubernetes-webhook",
+        "cke/ca-kubernetes-webhook",
+        "cke kubernetes webhook CA",
+        (Role("system", True, False),),
+    ),
+)
+CA_BY_NAME = {ca.name: ca for ca in CAS}
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    certificate: str
+    private_key: str = field(repr=False)
+    ca_certificate: str
+    serial: str
+
+    def to_json_dict(self) -> dict[str, str]:
+        """The shape ``ckecli etcd root-issue`` prints (CKE's)."""
+        return {
+            "ca_certificate": self.ca_certificate,
+            "certificate": self.certificate,
+            "private_key": self.private_key,
+        }
+
+
+def service_ip(service_subnet: str) -> str:
+    """The kubernetes service's cluster IP: the first address of the service subnet."""
+    network = ipaddress.ip_network(service_subnet, strict=False)
+    return str(network.network_address + 1)
+
+
+class CertIssuer:
+    """Issues every certificate cke needs; TTLs can be set per kind."""
+
+    def __init__(self, vault: Vault, ttls: dict[str, str] | None = None) -> None:
+        self.vault = vault
+        self.ttls = {
+            "server": DEFAULT_CERT_TTL,
+            "peer": DEFAULT_CERT_TTL,
+            "client": DEFAULT_CERT_TTL,
+            "kubernetes": DEFAULT_CERT_TTL,
+        }
+        self.ttls.update(ttls or {})
+
+    async def _issue(
+        self,
+        mount: str,
+        role: str,
+        common_name: str,
+        ttl: str,
+        dns: list[str] | None = None,
+        ips: list[str] | None = None,
+    ) -> IssuedCert:
+        params: dict[str, Any] = {"ttl": ttl, "exclude_cn_from_sans": True}
+        if dns:
+            params["alt_names"] = ",".join(dict.fromkeys(dns))
+        if ips:
+            params["ip_sans"] = ",".join(dict.fromkeys(ips))
+
+        def issue(client: hvac.Client) -> IssuedCert:
+            data = client.secrets.pki.generate_certificate(
+                name=role, common_name=common_name, extra_params=params, mount_point=mount
+            )["data"]
+            return IssuedCert(
+                data["certificate"], data["private_key"], data["issuing_ca"], data["serial_number"]
+            )
+
+        return await self.vault.call(issue)
+
+    @staticmethod
+    def _node_names(address: str, hostname: str) -> tuple[list[str], list[str]]:
+        dns = ["localhost"] + ([hostname] if hostname else [])
+        return dns, [address, "127.0.0.1"]
+
+    async def etcd_server(self, address: str, hostname: str = "") -> IssuedCert:
+        dns, ips = self._node_names(address, hostname)
+        return await self._issue(
+            "cke/ca-server", "system", hostname or address, self.ttls["server"], dns, ips
+        )
+
+    async def etcd_peer(self, address: str, hostname: str = "") -> IssuedCert:
+        dns, ips = self._node_names(address, hostname)
+        return await self._issue(
+            "cke/ca-etcd-peer", "system", hostname or address, self.ttls["peer"], dns, ips
+        )
+
+    async def etcd_client(self, user: str, ttl: str | None = None) -> IssuedCert:
+        """A client certificate whose CN is the etcd user (``root``, ``cke``, ...)."""
+        if user == "root":
+            return await self._issue("cke/ca-etcd-client", "admin", "root", ROOT_CLIENT_TTL)
+        role = "system" if user in ("cke", "kube-apiserver") else "user"
+        return await self._issue(
+            "cke/ca-etcd-client",
+            role,
+            user,
+            ttl or (self.ttls["client"] if role == "system" else USER_CLIENT_TTL),
+        )
+
+    async def kube_apiserver(
+        self,
+        address: str,
+        hostname: str,
+        service_subnet: str,
+        cluster_domain: str = "cluster.local",
+    ) -> IssuedCert:
+        dns = [
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            f"kubernetes.default.svc.{cluster_domain}",
+            "localhost",
+        ]
+        if hostname:
+            dns.append(hostname)
+        ips = [service_ip(service_subnet), address, "127.0.0.1"]
+        return await self._issue(
+            "cke/ca-kubernetes", "system", "kubernetes", self.ttls["kubernetes"], dns, ips
+        )
+
+    async def kube_component(self, component: str) -> IssuedCert:
+        """Client certificates of control-plane components (CN ``system:<component>``)."""
+        if component not in ("kube-controller-manager", "kube-scheduler", "kube-proxy"):
+            raise ValueError(f"unknown component {component!r}")
+        return await self._issue(
+            "cke/ca-kubernetes", "system", f"system:{component}", self.ttls["kubernetes"]
+        )
+
+    async def kubelet(self, address: str, hostname: str) -> IssuedCert:
+        name = hostname or address
+        return await self._issue(
+            "cke/ca-kubernetes",
+            "node",
+            f"system:node:{name}",
+            self.ttls["kubernetes"],
+            [name],
+            [address],
+        )
+
+    async def kube_admin(self, ttl: str = "2h") -> IssuedCert:
+        return await self._issue("cke/ca-kubernetes", "admin", "admin", ttl)
+
+    async def tidy(self) -> list[str]:
+        """Tidy expired and revoked certificates in every PKI mount (CKE does it hourly)."""
+        tidied = []
+        for ca in CAS:
+
+            def tidy(client: hvac.Client, mount: str = ca.mount) -> None:
+                client.secrets.pki.tidy(
+                    extra_params={
+                        "tidy_cert_store": True,
+                        "tidy_revoked_certs": True,
+                        "safety_buffer": "72h",
+                    },
+                    mount_point=mount,
+                )
+
+            await self.vault.call(tidy)
+            tidied.append(ca.mount)
+        return tidied
