@@ -1,11 +1,236 @@
-"""Entry point; implemented by its own issue."""
+"""``rivers``: flags, logging, event loop choice, signals; exit 2 on a bad flag."""
 
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import resource
+import signal
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from cke.common.durations import parse_duration
+from cke.common.logs import get_logger, setup_logging
+from rivers.proxy import HostPort, ProxyConfig
+
+log = get_logger("rivers")
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
-def main() -> int:
-    print("rivers main: not implemented yet", file=sys.stderr)
-    return 1
+class FlagError(Exception):
+    """A bad flag; the message names it and is printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints its usage block and exits on error; we want one line and exit 2.
+    def error(self, message: str) -> NoReturn:
+        raise FlagError(message)
+
+
+@dataclass(frozen=True)
+class Options:
+    proxy: ProxyConfig
+    metrics: HostPort | None
+    logfile: str | None
+    logformat: str
+    loglevel: str
+    event_loop: str
+
+
+def parse_host_port(flag: str, text: str) -> HostPort:
+    """``HOST:PORT`` or ``[V6]:PORT``; an empty host means all addresses."""
+    value = text.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or value[end + 1 : end + 2] != ":":
+            raise FlagError(f"{flag}: invalid address {text!r} (want [IPv6]:PORT)")
+        host, port_text = value[1:end], value[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise FlagError(f"{flag}: invalid IPv6 address in {text!r}") from None
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or ":" in host:
+            raise FlagError(f"{flag}: invalid address {text!r} (want HOST:PORT)")
+        if host and not _valid_host(host):
+            raise FlagError(f"{flag}: invalid host in {text!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise FlagError(f"{flag}: invalid port in {text!r} (want 0-65535)")
+    return HostPort(host or "0.0.0.0", int(port_text))
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return all(
+        0 < len(label) <= 63
+        and label[0] != "-"
+        and label[-1] != "-"
+        and all(c.isalnum() or c == "-" for c in label)
+        for label in labels
+    )
+
+
+def parse_upstreams(text: str) -> tuple[HostPort, ...]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise FlagError("--upstreams: empty upstream list")
+    upstreams = tuple(parse_host_port("--upstreams", item) for item in items)
+    for upstream in upstreams:
+        if upstream.port == 0:
+            raise FlagError(f"--upstreams: port 0 in {upstream}")
+    return upstreams
+
+
+def _duration(flag: str, text: str, *, positive: bool) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise FlagError(f"{flag}: invalid duration {text!r} (e.g. 500ms, 20s, 1m)") from None
+    if seconds < 0 or (positive and seconds == 0):
+        want = "positive" if positive else "zero or more"
+        raise FlagError(f"{flag}: duration must be {want}, got {text!r}")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="rivers",
+        description="TCP proxy to healthy upstreams (kube-apiserver, etcd) on every node.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--listen", required=True, help="ADDR:PORT to listen on")
+    parser.add_argument("--upstreams", required=True, help="comma-separated HOST:PORT list")
+    parser.add_argument("--check-interval", default="20s", help="health check interval")
+    parser.add_argument("--dial-timeout", default="10s", help="upstream dial timeout")
+    parser.add_argument("--dial-keep-alive", default="15s", help="TCP keep-alive to upstreams")
+    parser.add_argument(
+        "--shutdown-timeout", default="10s", help="time open connections get at shutdown"
+    )
+    parser.add_argument("--metrics", default="", help="ADDR:PORT for /metrics and /health")
+    parser.add_argument("--logfile", default="", help="log to this file instead of stderr")
+    parser.add_argument("--logformat", default="plain", help="plain, logfmt or json")
+    parser.add_argument("--loglevel", default="info", help="debug, info, warning, error")
+    parser.add_argument(
+        "--event-loop", default="auto", help="auto (uvloop if installed), uvloop or asyncio"
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """Parse and validate every flag; raises FlagError naming the bad one."""
+    args = build_parser().parse_args(list(argv))
+    if args.event_loop not in EVENT_LOOPS:
+        raise FlagError(
+            f"--event-loop: unknown loop {args.event_loop!r} (want auto, uvloop, asyncio)"
+        )
+    if args.event_loop == "uvloop" and not _uvloop_available():
+        raise FlagError("--event-loop: uvloop is not installed")
+    proxy = ProxyConfig(
+        listen=parse_host_port("--listen", args.listen),
+        upstreams=parse_upstreams(args.upstreams),
+        check_interval=_duration("--check-interval", args.check_interval, positive=True),
+        dial_timeout=_duration("--dial-timeout", args.dial_timeout, positive=True),
+        dial_keep_alive=_duration("--dial-keep-alive", args.dial_keep_alive, positive=False),
+        shutdown_timeout=_duration("--shutdown-timeout", args.shutdown_timeout, positive=False),
+    )
+    metrics = parse_host_port("--metrics", args.metrics) if args.metrics else None
+    return Options(
+        proxy=proxy,
+        metrics=metrics,
+        logfile=args.logfile or None,
+        logformat=args.logformat,
+        loglevel=args.loglevel,
+        event_loop=args.event_loop,
+    )
+
+
+def _uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _raise_fd_limit() -> None:
+    # Every proxied connection holds two descriptors; the default soft limit is low.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def serve(options: Options) -> int:
+    # Imported here so that flag errors are reported before the heavier imports.
+    from rivers.metrics import MetricsServer
+    from rivers.proxy import Proxy
+
+    proxy = Proxy(options.proxy)
+    # Bind the metrics port first so a bad --metrics fails before anything is served.
+    metrics_server: MetricsServer | None = None
+    if options.metrics is not None:
+        metrics_server = MetricsServer(proxy, options.metrics)
+        try:
+            await metrics_server.start()
+        except OSError as exc:
+            raise FlagError(f"--metrics: cannot listen on {options.metrics}: {exc}") from None
+    try:
+        await proxy.start()
+    except OSError as exc:
+        if metrics_server is not None:
+            metrics_server.close()
+        raise FlagError(f"--listen: cannot listen on {options.proxy.listen}: {exc}") from None
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("signal received, stopping")
+    await proxy.shutdown()
+    if metrics_server is not None:
+        metrics_server.close()
+    return 0
+
+
+def _run(options: Options) -> int:
+    use_uvloop = options.event_loop == "uvloop" or (
+        options.event_loop == "auto" and _uvloop_available()
+    )
+    if use_uvloop:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(options))
+    with asyncio.Runner() as runner:
+        return runner.run(serve(options))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+        try:
+            setup_logging(options.loglevel, options.logformat, options.logfile)
+        except OSError as exc:
+            raise FlagError(f"--logfile: cannot open {options.logfile}: {exc}") from None
+        except ValueError as exc:
+            raise FlagError(str(exc)) from None
+        _raise_fd_limit()
+        return _run(options)
+    except FlagError as exc:
+        print(f"rivers: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ async def vault_bed() -> AsyncIterator[TestBed]:
 @pytest.fixture(scope="module")
 async def deployed(vault_bed: TestBed) -> VaultDeployment:
     d = VaultDeployment(vault_bed)
-    code, out, err = await d.ckecli("vault", "init")
+    code, _, err = await d.ckecli("vault", "init")
     assert code == 0, err
     return d
 
