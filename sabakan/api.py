@@ -1,0 +1,296 @@
+"""sabakan's REST API (aiohttp): JSON everywhere, errors as ``{"error": "..."}``."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from etcd3aio import EtcdError
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PCounter
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from cke.common.logs import get_logger
+from sabakan.model import (
+    InputError,
+    Machine,
+    MachineState,
+    TransitionError,
+    now,
+    parse_label_pairs,
+    parse_labels,
+    parse_log_time,
+    parse_machines,
+    parse_retire_date,
+    parse_state,
+)
+from sabakan.storage import Actor, ConflictError, NotFoundError, Storage
+
+log = get_logger("sabakan.api")
+
+STORAGE_KEY = web.AppKey("storage", Storage)
+LEADER_KEY: web.AppKey[dict[str, Any]] = web.AppKey("leader", dict)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+ALLOW_KEY: web.AppKey[list[Net]] = web.AppKey("allow", list)
+
+FILTERS: dict[str, Callable[[Machine], list[str]]] = {
+    "serial": lambda m: [m.spec.serial],
+    "rack": lambda m: [str(m.spec.rack)],
+    "role": lambda m: [m.spec.role],
+    "ipv4": lambda m: m.spec.ipv4,
+    "ipv6": lambda m: m.spec.ipv6,
+    "bmc-type": lambda m: [m.spec.bmc.type],
+    "state": lambda m: [m.status.state.value],
+}
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.machines = Gauge(
+            "sabakan_machines",
+            "Machines by state, role and rack",
+            ["state", "role", "rack"],
+            registry=self.registry,
+        )
+        self.requests = PCounter(
+            "sabakan_http_requests",
+            "HTTP requests by method, route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sabakan_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "sabakan_leader", "1 when this replica holds the election", registry=self.registry
+        )
+
+    def observe_machines(self, machines: list[Machine]) -> None:
+        self.machines.clear()
+        counts = Counter((m.status.state.value, m.spec.role, str(m.spec.rack)) for m in machines)
+        for (state, role, rack), n in counts.items():
+            self.machines.labels(state=state, role=role, rack=rack).set(n)
+
+
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+
+def _actor(request: web.Request) -> Actor:
+    ip = request.remote or ""
+    peer = request.transport.get_extra_info("peercert") if request.transport else None
+    if peer:
+        for rdn in peer.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    return Actor(user=str(value), ip=ip)
+    return Actor(user=request.headers.get("X-Sabakan-User", "unknown")[:128], ip=ip)
+
+
+def _allowed(request: web.Request) -> bool:
+    peer = request.transport.get_extra_info("peercert") if request.transport else None
+    if peer:  # only present when the TLS handshake verified it against the client CA
+        return True
+    try:
+        ip = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    return any(ip in net for net in request.app[ALLOW_KEY])
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS_KEY]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
+    start = time.perf_counter()
+    status = 500
+    try:
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not _allowed(request):
+            log.warning("refused mutation", remote=request.remote, path=request.path)
+            resp: web.StreamResponse = error(401, "mutation not allowed from this client")
+        else:
+            try:
+                resp = await handler(request)
+            except InputError as exc:
+                resp = error(400, str(exc))
+            except NotFoundError as exc:
+                resp = error(404, str(exc))
+            except (ConflictError, TransitionError) as exc:
+                resp = error(409, str(exc))
+            except web.HTTPException as exc:
+                resp = error(exc.status, exc.reason)
+            except EtcdError as exc:
+                log.error("etcd error", path=request.path, error=str(exc))
+                resp = error(503, f"etcd: {exc}")
+        status = resp.status
+        return resp
+    finally:
+        metrics.requests.labels(request.method, route, str(status)).inc()
+        metrics.latency.labels(request.method, route).observe(time.perf_counter() - start)
+
+
+def _match(machine: Machine, query: dict[str, list[str]]) -> bool:
+    for name, values in query.items():
+        negate = name.startswith("without-")
+        key = name[len("without-") :] if negate else name
+        if key == "labels":
+            found = any(
+                all(machine.spec.labels.get(k) == v for k, v in parse_label_pairs(text).items())
+                for text in values
+            )
+        else:
+            wanted = {v for text in values for v in text.split(",") if v}
+            found = bool(wanted & set(FILTERS[key](machine)))
+        if found == negate:
+            return False
+    return True
+
+
+async def get_machines(request: web.Request) -> web.Response:
+    query: dict[str, list[str]] = {}
+    for name, value in request.query.items():
+        key = name[len("without-") :] if name.startswith("without-") else name
+        if key not in FILTERS and key != "labels":
+            raise InputError(f"{name}: unknown query parameter")
+        if key == "state":
+            for s in value.split(","):
+                parse_state(s)
+        if key == "labels":
+            parse_label_pairs(value)
+        query.setdefault(name, []).append(value)
+    machines = await request.app[STORAGE_KEY].list_machines()
+    at = now()
+    body = [m.to_api(at) for m in machines if _match(m, query)]
+    body.sort(key=lambda d: d["spec"]["serial"])
+    return web.json_response(body)
+
+
+async def post_machines(request: web.Request) -> web.Response:
+    inputs = parse_machines(await request.read())
+    machines = await request.app[STORAGE_KEY].register(inputs, _actor(request))
+    log.info("machines registered", serials=[m.spec.serial for m in machines])
+    return web.json_response([m.to_api() for m in machines], status=201)
+
+
+async def delete_machine(request: web.Request) -> web.Response:
+    serial = request.match_info["serial"]
+    await request.app[STORAGE_KEY].delete(serial, _actor(request))
+    log.info("machine deleted", serial=serial)
+    return web.json_response({})
+
+
+async def get_state(request: web.Request) -> web.Response:
+    machine, _ = await request.app[STORAGE_KEY].get(request.match_info["serial"])
+    return web.Response(text=machine.status.state.value, content_type="text/plain")
+
+
+async def put_state(request: web.Request) -> web.Response:
+    serial = request.match_info["serial"]
+    target = parse_state(await request.text())
+    actor = _actor(request)
+    machine = await request.app[STORAGE_KEY].set_state(serial, target, actor)
+    log.info("state changed", serial=serial, state=target.value, user=actor.user)
+    return web.json_response(machine.to_api())
+
+
+async def put_retire_date(request: web.Request) -> web.Response:
+    date = parse_retire_date(await request.read())
+    storage = request.app[STORAGE_KEY]
+    machine = await storage.set_retire_date(request.match_info["serial"], date, _actor(request))
+    return web.json_response(machine.to_api())
+
+
+async def delete_retire_date(request: web.Request) -> web.Response:
+    storage = request.app[STORAGE_KEY]
+    machine = await storage.set_retire_date(request.match_info["serial"], None, _actor(request))
+    return web.json_response(machine.to_api())
+
+
+async def put_labels(request: web.Request) -> web.Response:
+    labels = parse_labels(await request.read())
+    storage = request.app[STORAGE_KEY]
+    machine = await storage.put_labels(request.match_info["serial"], labels, _actor(request))
+    return web.json_response(machine.to_api())
+
+
+async def delete_label(request: web.Request) -> web.Response:
+    storage = request.app[STORAGE_KEY]
+    serial, key = request.match_info["serial"], request.match_info["label"]
+    machine = await storage.delete_label(serial, key, _actor(request))
+    return web.json_response(machine.to_api())
+
+
+async def get_logs(request: web.Request) -> web.Response:
+    for name in request.query:
+        if name not in ("since", "until"):
+            raise InputError(f"{name}: unknown query parameter")
+    since = parse_log_time(request.query["since"], "since") if "since" in request.query else None
+    until = parse_log_time(request.query["until"], "until") if "until" in request.query else None
+    records = await request.app[STORAGE_KEY].logs(since, until)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    return web.Response(text=text, content_type="application/json")
+
+
+async def get_health(request: web.Request) -> web.Response:
+    try:
+        await request.app[STORAGE_KEY].kv.get(request.app[STORAGE_KEY].index_key, timeout=2)
+    except EtcdError as exc:
+        return error(503, f"etcd: {exc}")
+    leader: dict[str, Any] = request.app[LEADER_KEY]
+    return web.json_response({"health": "healthy", "leader": bool(leader.get("leader"))})
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS_KEY]
+    try:
+        metrics.observe_machines(await request.app[STORAGE_KEY].list_machines())
+    except EtcdError as exc:
+        log.warning("metrics: cannot list machines", error=str(exc))
+    metrics.leader.set(1 if request.app[LEADER_KEY].get("leader") else 0)
+    body = generate_latest(metrics.registry)
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+def make_app(
+    storage: Storage, allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> web.Application:
+    app = web.Application(middlewares=[middleware], client_max_size=8 * 1024 * 1024)
+    app[STORAGE_KEY] = storage
+    app[ALLOW_KEY] = allow
+    app[METRICS_KEY] = Metrics()
+    status: dict[str, Any] = {"leader": False}
+    app[LEADER_KEY] = status
+    r = app.router
+    r.add_get("/api/v1/machines", get_machines)
+    r.add_post("/api/v1/machines", post_machines)
+    r.add_delete("/api/v1/machines/{serial}", delete_machine)
+    r.add_get("/api/v1/state/{serial}", get_state)
+    r.add_put("/api/v1/state/{serial}", put_state)
+    r.add_put("/api/v1/retire-date/{serial}", put_retire_date)
+    r.add_delete("/api/v1/retire-date/{serial}", delete_retire_date)
+    r.add_put("/api/v1/labels/{serial}", put_labels)
+    r.add_delete("/api/v1/labels/{serial}/{label}", delete_label)
+    r.add_get("/api/v1/logs", get_logs)
+    r.add_get("/health", get_health)
+    r.add_get("/metrics", get_metrics)
+    return app
+
+
+def all_states() -> list[str]:
+    return [s.value for s in MachineState]

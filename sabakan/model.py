@@ -1,0 +1,298 @@
+"""sabakan's data model: machine specs, states and the lifecycle table (pure, no I/O)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+from enum import StrEnum
+from typing import Any
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from cke.common.etcd import format_validation_error
+
+MAX_BATCH = 100
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,126}[A-Za-z0-9])?$")
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,126}[A-Za-z0-9])?$")
+_LABEL_VALUE_RE = re.compile(r"^[-A-Za-z0-9_./:@+ ]{0,256}$")
+
+
+class MachineState(StrEnum):
+    UNINITIALIZED = "uninitialized"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    UNREACHABLE = "unreachable"
+    UPDATING = "updating"
+    RETIRING = "retiring"
+    RETIRED = "retired"
+
+
+S = MachineState
+TRANSITIONS: dict[MachineState, frozenset[MachineState]] = {
+    S.UNINITIALIZED: frozenset({S.HEALTHY, S.RETIRING}),
+    S.HEALTHY: frozenset({S.UNHEALTHY, S.UNREACHABLE, S.UPDATING, S.RETIRING}),
+    S.UNHEALTHY: frozenset({S.HEALTHY, S.UNREACHABLE, S.UPDATING, S.RETIRING}),
+    S.UNREACHABLE: frozenset({S.HEALTHY, S.UNHEALTHY, S.UPDATING, S.RETIRING}),
+    S.UPDATING: frozenset({S.UNINITIALIZED}),
+    S.RETIRING: frozenset({S.RETIRED}),
+    S.RETIRED: frozenset({S.UNINITIALIZED}),
+}
+
+
+class InputError(ValueError):
+    """Bad input from a client; the message names the field (HTTP 400)."""
+
+
+class TransitionError(ValueError):
+    """A state change the lifecycle does not allow (HTTP 409)."""
+
+
+def parse_state(text: str) -> MachineState:
+    try:
+        return MachineState(text.strip())
+    except ValueError:
+        names = ", ".join(s.value for s in MachineState)
+        raise InputError(
+            f"state: invalid state name {text.strip()!r} (want one of {names})"
+        ) from None
+
+
+def check_transition(current: MachineState, target: MachineState) -> None:
+    if target not in TRANSITIONS[current]:
+        raise TransitionError(f"transition from {current.value} to {target.value} is not allowed")
+
+
+def rfc3339(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(f"invalid {what}: want letters, digits, '-', '_' or '.' (max 128)")
+    return value
+
+
+def _check_ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"invalid IPv4 address {value!r}") from None
+
+
+def _check_ipv6(value: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(value))
+    except ValueError:
+        raise ValueError(f"invalid IPv6 address {value!r}") from None
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    for key, value in labels.items():
+        if not _LABEL_KEY_RE.match(key):
+            raise ValueError(f"invalid label name {key!r}")
+        if not _LABEL_VALUE_RE.match(value):
+            raise ValueError(f"invalid value for label {key!r}")
+    return labels
+
+
+class BMC(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: str = ""
+    ipv4: str = ""
+    ipv6: str = ""
+
+    @field_validator("ipv4")
+    @classmethod
+    def _ipv4(cls, value: str) -> str:
+        return _check_ipv4(value) if value else value
+
+    @field_validator("ipv6")
+    @classmethod
+    def _ipv6(cls, value: str) -> str:
+        return _check_ipv6(value) if value else value
+
+
+class MachineInput(BaseModel):
+    """One element of the ``POST /api/v1/machines`` array (fields a client may set)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    serial: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    rack: int = Field(default=0, ge=0, le=65535)
+    role: str = ""
+    ipv4: list[str] = Field(default_factory=list)
+    ipv6: list[str] = Field(default_factory=list)
+    retire_date: AwareDatetime | None = Field(default=None, alias="retire-date")
+    bmc: BMC = Field(default_factory=BMC)
+
+    @field_validator("serial")
+    @classmethod
+    def _serial(cls, value: str) -> str:
+        return _check_name(value, "serial")
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        return _check_name(value, "role") if value else value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_labels(value)
+
+    @field_validator("ipv4")
+    @classmethod
+    def _ipv4(cls, value: list[str]) -> list[str]:
+        out = [_check_ipv4(v) for v in value]
+        if len(set(out)) != len(out):
+            raise ValueError("duplicate address in list")
+        return out
+
+    @field_validator("ipv6")
+    @classmethod
+    def _ipv6(cls, value: list[str]) -> list[str]:
+        return [_check_ipv6(v) for v in value]
+
+
+class MachineSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    serial: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    rack: int = 0
+    index_in_rack: int = Field(default=0, alias="index-in-rack")
+    role: str = ""
+    ipv4: list[str] = Field(default_factory=list)
+    ipv6: list[str] = Field(default_factory=list)
+    register_date: dt.datetime = Field(alias="register-date")
+    retire_date: dt.datetime | None = Field(default=None, alias="retire-date")
+    bmc: BMC = Field(default_factory=BMC)
+
+
+class MachineStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: MachineState = MachineState.UNINITIALIZED
+    timestamp: dt.datetime
+
+
+class Machine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spec: MachineSpec
+    status: MachineStatus
+
+    def to_api(self, at: dt.datetime | None = None) -> dict[str, Any]:
+        """The JSON document the API returns (with ``duration`` in seconds)."""
+        when = at or now()
+        spec = self.spec.model_dump(by_alias=True, mode="json")
+        spec["register-date"] = rfc3339(self.spec.register_date)
+        spec["retire-date"] = rfc3339(self.spec.retire_date) if self.spec.retire_date else ""
+        return {
+            "spec": spec,
+            "status": {
+                "state": self.status.state.value,
+                "timestamp": rfc3339(self.status.timestamp),
+                "duration": max(0.0, (when - self.status.timestamp).total_seconds()),
+            },
+        }
+
+    def dump(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+    @classmethod
+    def load(cls, raw: bytes) -> Machine:
+        return cls.model_validate_json(raw)
+
+
+_BATCH = TypeAdapter(list[MachineInput])
+_DATE = TypeAdapter(AwareDatetime)
+_LABELS = TypeAdapter(dict[str, str])
+
+
+def parse_machines(body: bytes) -> list[MachineInput]:
+    """Parse and check a registration batch; raises InputError naming the field.
+
+    Duplicate serials and addresses inside the batch are refused here.
+    """
+    if not body.strip():
+        raise InputError("(body): want a JSON array of machine specs")
+    try:
+        machines = _BATCH.validate_json(body, strict=True)
+    except ValidationError as exc:
+        raise InputError(format_validation_error(exc)) from None
+    if not machines:
+        raise InputError("(body): empty list of machines")
+    if len(machines) > MAX_BATCH:
+        raise InputError(f"(body): at most {MAX_BATCH} machines per request")
+    serials: dict[str, int] = {}
+    addrs: dict[str, int] = {}
+    for i, m in enumerate(machines):
+        if m.serial in serials:
+            raise InputError(
+                f"[{i}].serial: duplicate serial {m.serial} (also in [{serials[m.serial]}])"
+            )
+        serials[m.serial] = i
+        for ip in m.ipv4:
+            if ip in addrs:
+                raise InputError(f"[{i}].ipv4: duplicate address {ip} (also in [{addrs[ip]}])")
+            addrs[ip] = i
+    return machines
+
+
+def parse_retire_date(body: bytes) -> dt.datetime:
+    """``PUT /api/v1/retire-date``: a JSON string with an RFC 3339 date-time."""
+    try:
+        return _DATE.validate_json(body, strict=True)
+    except ValidationError as exc:
+        msgs = "; ".join(e["msg"] for e in exc.errors())
+        raise InputError(f"retire-date: {msgs} (want a JSON string in RFC 3339)") from None
+
+
+def parse_labels(body: bytes) -> dict[str, str]:
+    try:
+        labels = _LABELS.validate_json(body, strict=True)
+    except ValidationError as exc:
+        raise InputError(f"labels: {format_validation_error(exc)}") from None
+    try:
+        return check_labels(labels)
+    except ValueError as exc:
+        raise InputError(f"labels: {exc}") from None
+
+
+def parse_label_pairs(text: str) -> dict[str, str]:
+    """``k=v,k2=v2`` (the ``labels`` query filter)."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise InputError(f"labels: want k=v[,k2=v2], got {part!r}")
+        out[key] = value
+    return out
+
+
+def parse_log_time(value: str, field: str) -> dt.datetime:
+    """``YYYYMMDD`` (as upstream's logs API) or an RFC 3339 date-time."""
+    try:
+        if re.fullmatch(r"\d{8}", value):
+            return dt.datetime.strptime(value, "%Y%m%d").replace(tzinfo=dt.UTC)
+        return _DATE.validate_python(value)
+    except (ValueError, ValidationError):
+        raise InputError(f"{field}: want YYYYMMDD or an RFC 3339 date-time") from None
