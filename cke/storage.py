@@ -88,6 +88,7 @@ class Status:
     blocked: list[dict[str, Any]] = field(default_factory=list)
     last_operation: str = ""
     vault: str = ""
+    etcd_members: list[str] = field(default_factory=list)  # voters' addresses, for rule 5
 
     def to_json(self) -> str:
         return json.dumps(
@@ -98,6 +99,7 @@ class Status:
                 "blocked": self.blocked,
                 "last-operation": self.last_operation,
                 "vault": self.vault,
+                "etcd-members": self.etcd_members,
             }
         )
 
@@ -111,6 +113,7 @@ class Status:
             blocked=list(doc.get("blocked", [])),
             last_operation=doc.get("last-operation", ""),
             vault=doc.get("vault", ""),
+            etcd_members=list(doc.get("etcd-members", [])),
         )
 
 

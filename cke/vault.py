@@ -182,6 +182,10 @@ class VaultSession:
         self.renewals = 0
         self.logins = 0
 
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
     async def client(self, timeout: float = 30.0) -> Vault:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)

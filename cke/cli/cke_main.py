@@ -15,6 +15,7 @@ from cke.common.etcd import ConfigError, load_etcd_settings, make_client
 from cke.common.httpserver import parse_listen_address, start_http
 from cke.common.logs import get_logger, setup_logging
 from cke.server.control import Server
+from cke.server.infra import Infrastructure
 from cke.server.metrics import ServerMetrics
 from cke.storage import Storage
 from cke.vault import VaultConfig, VaultSession, parse_vault_config
@@ -71,7 +72,8 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interva
         return parse_vault_config(stored.value) if stored.value is not None else None
 
     vault = VaultSession(vault_config)
-    server = Server(client, storage, args.name, interval, ttl, metrics, vault, gc_interval)
+    infra = Infrastructure(storage, vault, args.max_concurrent_updates)
+    server = Server(client, storage, args.name, interval, ttl, metrics, vault, gc_interval, infra)
 
     async def health() -> tuple[bool, str]:
         try:
@@ -93,6 +95,7 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interva
         vault_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await vault_task
+        await infra.close()
         await runner.cleanup()
         await client.close()
     log.info("cke stopped", name=args.name)

@@ -36,6 +36,7 @@ from cke.common.durations import parse_duration
 from cke.common.etcd import ConfigError, load_etcd_settings, make_client
 from cke.pki import CA_BY_NAME, SECRETS_MOUNT, CertIssuer, IssuedCert
 from cke.records import Record
+from cke.server.safety import check_control_plane_change
 from cke.storage import KEY_CA_PREFIX, KEY_VAULT, Conflict, Storage
 from cke.vault import Vault, VaultError, parse_vault_config
 from cke.vaultsetup import init_vault
@@ -84,6 +85,10 @@ async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
         validate_cluster(cluster, constraints)
     except ClusterError as exc:
         raise CLIError(f"{args.file}: {exc}") from exc
+    status = await storage.get_status()
+    refused = check_control_plane_change(status.etcd_members if status else [], cluster)
+    if refused is not None:
+        raise CLIError(f"{args.file}: refused by rule {refused.rule}: {refused.message}")
     old_yaml = cluster_to_yaml(cluster_from_json(current.value.decode())) if current.value else ""
     new_yaml = cluster_to_yaml(cluster)
     if old_yaml == new_yaml:

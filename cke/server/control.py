@@ -26,13 +26,17 @@ from cke.cluster import (
     validate_cluster,
 )
 from cke.common.logs import get_logger
+from cke.nodes.runtime import runtime_for
 from cke.op.base import OpContext
 from cke.pki import CertIssuer
+from cke.server.clusterstatus import ClusterStatus
+from cke.server.collect import collect
 from cke.server.election import Election, LeadershipLost
 from cke.server.executor import run_operation
+from cke.server.infra import Infrastructure
 from cke.server.metrics import ServerMetrics
 from cke.server.phases import Phase
-from cke.server.strategy import Blocked, ClusterStatus, Decision, decide
+from cke.server.strategy import Blocked, Decision, decide
 from cke.storage import (
     KEY_CLUSTER,
     KEY_CONSTRAINTS,
@@ -47,6 +51,12 @@ from cke.vault import VaultError, VaultSession
 log = get_logger("cke.server")
 
 T = TypeVar("T")
+
+# Phases in which the world changes by itself (a member starting up, a learner
+# catching up): decide again soon rather than after the whole interval.
+RETRY_SOON_PHASES = frozenset(
+    {Phase.ETCD_WAIT, Phase.ETCD_BOOT_ABORTED, Phase.ETCD_MAINTAIN_ABORTED}
+)
 
 
 class Stopped(Exception):
@@ -81,6 +91,7 @@ class Server:
         metrics: ServerMetrics,
         vault: VaultSession | None = None,
         certs_gc_interval: float = 3600.0,
+        infra: Infrastructure | None = None,
     ) -> None:
         self.client = client
         self.storage = storage
@@ -90,6 +101,8 @@ class Server:
         self.metrics = metrics
         self.vault = vault
         self.certs_gc_interval = certs_gc_interval
+        self.infra = infra
+        self._cluster: Cluster | None = None
         self.stop_requested = asyncio.Event()
         self._wake = asyncio.Event()
 
@@ -119,6 +132,8 @@ class Server:
     # -- as leader -------------------------------------------------------------------------
 
     async def lead(self, leader: LeaderKey) -> None:
+        if self.infra is not None:
+            self.infra.leader = leader
         await self.cancel_unfinished_records(leader)
         watcher = asyncio.create_task(self._watch_config())
         tidier = asyncio.create_task(self._tidy_certificates()) if self.vault else None
@@ -135,16 +150,26 @@ class Server:
                     operator = decision.operators[0]
                     self.metrics.progressing.set(1)
                     try:
-                        ctx = OpContext({"vault": self.vault})
+                        ctx = self.op_context()
                         record = await run_operation(self.storage, leader, operator, ctx)
                     finally:
                         self.metrics.progressing.set(0)
                     outcome = "error" if record.error else "ok"
                     self.metrics.operations.labels(operator.name, outcome).inc()
+                    if record.error:
+                        # Let the world settle before deciding again (no hot loop).
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), min(self.interval, 2.0))
+                    continue
+                if decision.phase in RETRY_SOON_PHASES:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), min(self.interval, 2.0))
                     continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.interval)
         finally:
+            if self.infra is not None:
+                self.infra.leader = None
             for task in (watcher, tidier):
                 if task is not None:
                     task.cancel()
@@ -188,18 +213,39 @@ class Server:
             return None, Constraints(), [blocked]
         return cluster, constraints, []
 
+    def op_context(self) -> OpContext:
+        services: dict[str, object] = {"vault": self.vault}
+        if self.infra is not None and self._cluster is not None:
+            services["etcd-tools"] = self.infra.tools(runtime_for(self._cluster.runtime))
+        return OpContext(services)
+
     async def collect_status(self, cluster: Cluster | None) -> ClusterStatus:
-        return ClusterStatus()
+        if cluster is None or self.infra is None:
+            return ClusterStatus()
+        admin = self.infra.admin if self.vault is not None and self.vault.ready else None
+        return await collect(cluster, self.infra.pool, runtime_for(cluster.runtime), admin)
 
     async def step(self, leader: LeaderKey) -> Decision:
         cluster, constraints, config_blocked = await self.load_config()
+        self._cluster = cluster
+        etcd_members: list[str] | None = None
         if config_blocked:
             decision = Decision([], Phase.CONFIG_INVALID, config_blocked)
+        elif cluster is not None and self.vault is not None and not self.vault.ready:
+            blocked = Blocked(
+                "vault-available",
+                f"Vault is needed for SSH keys and certificates: {self.vault.state}",
+            )
+            decision = Decision([], Phase.ETCD_WAIT, [blocked])
         else:
             status = await self.collect_status(cluster)
             decision = decide(cluster, constraints, status)
+            if status.etcd.reachable:
+                etcd_members = sorted(m.address for m in status.etcd.voters)
         previous = await self.storage.get_status()
         last_operation = previous.last_operation if previous else ""
+        if etcd_members is None:  # unknown now: keep what was last seen
+            etcd_members = previous.etcd_members if previous else []
         if decision.operators:
             last_operation = decision.operators[0].name
         await self.storage.put_status(
@@ -211,9 +257,16 @@ class Server:
                 blocked=[b.to_dict() for b in decision.blocked],
                 last_operation=last_operation,
                 vault=self.vault.state if self.vault else "",
+                etcd_members=etcd_members,
             ),
         )
         self.metrics.set_phase(decision.phase.value)
+        if decision.blocked:
+            log.info(
+                "steps held back",
+                phase=decision.phase.value,
+                rules=[b.rule for b in decision.blocked],
+            )
         log.debug("decided", phase=decision.phase.value, operations=len(decision.operators))
         return decision
 

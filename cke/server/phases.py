@@ -15,6 +15,8 @@ class Phase(StrEnum):
     ETCD_WAIT = "etcd-wait"
     K8S_START = "k8s-start"
     ETCD_MAINTAIN = "etcd-maintain"
+    # Maintenance is needed but every remaining step is held back by a safety rule.
+    ETCD_MAINTAIN_ABORTED = "etcd-maintain-aborted"
     K8S_MAINTAIN = "k8s-maintain"
     STOP_CONTROL_PLANE = "stop-control-plane"
     UNCORDON = "uncordon"

@@ -1,36 +1,95 @@
-"""The decision function: ``decide(cluster, constraints, status) -> (operators, phase)``.
+"""The decision function: ``decide(cluster, constraints, status) -> Decision``.
 
-Pure: it reads nothing and changes nothing; everything it needs is in its
-arguments. Each safety rule is a small named predicate, so that a refusal can
-say which rule held the step back.
+Pure: it reads nothing and changes nothing (no I/O, clock or randomness); everything
+it needs is in its arguments, and every choice is made in address order.  Each
+safety rule is a named predicate in :mod:`cke.server.safety`, so that a refusal
+can say which rule held a step back (``Decision.blocked``, shown by ``ckecli status``);
+the next decision re-checks everything, so a blocked step is retried as soon as
+the situation changes.
+
+The etcd part follows CKE's ``server/strategy.go``:
+
+1. **boot** - nothing anywhere has etcd data and etcd does not answer: bootstrap
+   every control plane at once (``etcd-boot``; ``etcd-boot-aborted`` when rule 1 or
+   the host-key rule holds it back).
+2. **start** - control planes with data whose etcd is stopped and that are members
+   (or membership is unknown because etcd does not answer): ``etcd-start``.
+3. **wait** - etcd does not answer or has no healthy leader: only time (or the
+   starts above) can fix that, so ``etcd-wait`` with no operator.
+4. **maintain** - at most ONE operator, the first of these whose rules pass:
+   a. remove a member that is not a desired control plane (unhealthy ones first,
+      the leader last);
+   b. promote a desired learner that is in sync;
+   c. add a missing desired control plane as a learner - only with no learner
+      pending, and only once the node is clean (no data, etcd not running);
+   d. repair a desired member whose node lost its data (reachable, no data, not
+      running): remove it; it is re-added by (c) next round;
+   e. destroy the etcd data of a reachable node that is not a member but has data
+      or runs etcd (nodes dropped from the control planes, and desired control
+      planes with stale data, which (c) waits for - the decision, not
+      ``EtcdAddMemberOp``, cleans a node before it joins);
+   f. restart one outdated member (its spec digest differs), the leader last.
+   (a)-(d) are membership changes; (e) and (f) keep going when those are blocked.
+   Phase ``etcd-maintain`` when an operator runs (``blocked`` lists what else was
+   held back), :data:`ETCD_MAINTAIN_ABORTED` when only blocked steps remain,
+   ``etcd-wait`` when nothing can be done but a member is still unhealthy (say a
+   crashed control plane not yet replaced), else ``completed``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
-from cke.cluster import Cluster, Constraints
+from cke.cluster import Cluster, Constraints, Node
 from cke.op.base import Operator
+from cke.op.etcd import (
+    EtcdAddMemberOp,
+    EtcdBootstrapOp,
+    EtcdDestroyDataOp,
+    EtcdPromoteOp,
+    EtcdRemoveMemberOp,
+    EtcdRestartOp,
+    EtcdStartOp,
+    desired_etcd_digest,
+)
+from cke.server.clusterstatus import ClusterStatus, EtcdMember, NodeStatus
 from cke.server.phases import Phase
+from cke.server.safety import (
+    Blocked,
+    all_control_planes_reachable,
+    cluster_healthy_and_in_sync,
+    destroy_only_non_members,
+    host_key_verified,
+    keep_etcd_majority,
+    keep_quorum,
+    leader_moved_first,
+    leader_transfer_target,
+    learner_caught_up,
+)
 
+__all__ = [
+    "ETCD_MAINTAIN_ABORTED",
+    "MEMBERSHIP_OPS",
+    "Blocked",
+    "ClusterStatus",
+    "Decision",
+    "decide",
+]
 
-@dataclass(frozen=True)
-class Blocked:
-    """A step the decision held back, and why (shown by ``ckecli status``)."""
+# Phase for "etcd maintenance is needed but every remaining step is held back by a
+# rule".  The value is "etcd-maintain-aborted"; until Phase has that member the
+# decision falls back to "etcd-maintain" (the blocked list still says why).
+ETCD_MAINTAIN_ABORTED = Phase.ETCD_MAINTAIN_ABORTED
 
-    rule: str
-    message: str
-    nodes: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, object]:
-        return {"rule": self.rule, "message": self.message, "nodes": list(self.nodes)}
-
-
-@dataclass(frozen=True)
-class ClusterStatus:
-    """The real state of the nodes, as collected over SSH (filled by later issues)."""
-
-    nodes: dict[str, object] = field(default_factory=dict)
+# Operators that change the etcd membership (rule 2: at most one per decision).
+MEMBERSHIP_OPS: tuple[type[Operator], ...] = (
+    EtcdBootstrapOp,
+    EtcdAddMemberOp,
+    EtcdPromoteOp,
+    EtcdRemoveMemberOp,
+)
 
 
 @dataclass(frozen=True)
@@ -43,4 +102,268 @@ class Decision:
 def decide(cluster: Cluster | None, constraints: Constraints, status: ClusterStatus) -> Decision:
     if cluster is None:
         return Decision([], Phase.WAITING_FOR_CLUSTER)
-    return Decision([], Phase.COMPLETED)
+    return _Etcd(cluster, status).decide()
+
+
+# A check returns None (fine) or the Blocked that refuses the step.
+Check = Callable[[], Blocked | None]
+
+
+class _Blocks:
+    """The rules that held something back, each (rule, message, nodes) once, in order."""
+
+    def __init__(self) -> None:
+        self.items: list[Blocked] = []
+
+    def add(self, blocked: Blocked | None) -> None:
+        if blocked is not None and blocked not in self.items:
+            self.items.append(blocked)
+
+    def first_failure(self, checks: Sequence[Check]) -> Blocked | None:
+        """Run ``checks`` in order; record and return the first refusal (None: all pass)."""
+        for check in checks:
+            blocked = check()
+            if blocked is not None:
+                self.add(blocked)
+                return blocked
+        return None
+
+
+class _Etcd:
+    """One decision over the etcd part; the helpers read ``cluster`` and ``status``."""
+
+    def __init__(self, cluster: Cluster, status: ClusterStatus) -> None:
+        self.cluster = cluster
+        self.status = status
+        self.etcd = status.etcd
+        self.nodes = {n.address: n for n in cluster.nodes}
+        self.control_planes = sorted(cluster.control_planes, key=lambda n: n.address)
+        self.cp_addresses = frozenset(n.address for n in self.control_planes)
+        self.blocks = _Blocks()
+
+    # -- node state --------------------------------------------------------
+
+    def ns(self, address: str) -> NodeStatus | None:
+        return self.status.nodes.get(address)
+
+    def reachable(self, address: str) -> bool:
+        """Commands can be sent: SSH answered with the expected host key.
+
+        Unknown nodes (missing from the status) count as unreachable.
+        """
+        ns = self.ns(address)
+        return ns is not None and ns.ssh_ok and not ns.host_key_mismatch
+
+    def mismatched(self, address: str) -> bool:
+        ns = self.ns(address)
+        return ns is not None and ns.host_key_mismatch
+
+    def sendable(self, nodes: Iterable[Node]) -> list[Node]:
+        """The nodes that may be sent commands; the host-key mismatches are recorded."""
+        nodes = list(nodes)
+        self.blocks.add(host_key_verified(self.status, (n.address for n in nodes)))
+        return [n for n in nodes if self.reachable(n.address)]
+
+    def is_leader(self, member: EtcdMember) -> bool:
+        leader = self.etcd.leader
+        return leader is not None and leader.id == member.id
+
+    def move_leader_to(self, member: EtcdMember) -> EtcdMember | None:
+        return leader_transfer_target(self.status, member) if self.is_leader(member) else None
+
+    def membership_gate(self, excluding: Iterable[int] = ()) -> list[Check]:
+        """Rules every membership change passes (1, host keys of the control planes, 2)."""
+        return [
+            partial(all_control_planes_reachable, self.cluster, self.status),
+            partial(host_key_verified, self.status, sorted(self.cp_addresses)),
+            partial(cluster_healthy_and_in_sync, self.status, frozenset(excluding)),
+        ]
+
+    # -- phases ------------------------------------------------------------
+
+    def decide(self) -> Decision:
+        if not self.bootstrapped():
+            return self.boot()
+        start = self.start()
+        if start is not None:
+            return Decision([start], Phase.ETCD_START, self.blocks.items)
+        leader = self.etcd.leader
+        if not self.etcd.reachable or leader is None or not leader.healthy:
+            return Decision([], Phase.ETCD_WAIT, self.blocks.items)
+        op = self.maintain()
+        if op is not None:
+            return Decision([op], Phase.ETCD_MAINTAIN, self.blocks.items)
+        if self.blocks.items:
+            return Decision([], ETCD_MAINTAIN_ABORTED, self.blocks.items)
+        if not all(self.etcd.in_sync(m) for m in self.etcd.members):
+            # Nothing can be done (e.g. a crashed control plane still in the config):
+            # wait for the member to come back or for a new configuration.
+            return Decision([], Phase.ETCD_WAIT)
+        return Decision([], Phase.COMPLETED)
+
+    def bootstrapped(self) -> bool:
+        """Some etcd exists: it answers, or any node holds data or runs etcd.
+
+        Stricter than CKE (which looks at control planes only): data anywhere means
+        a cluster existed, and a new bootstrap would silently replace it.
+        """
+        if self.etcd.reachable or self.etcd.members:
+            return True
+        return any(ns.etcd_has_data or ns.etcd_running for ns in self.status.nodes.values())
+
+    def boot(self) -> Decision:
+        refused = self.blocks.first_failure(
+            [
+                partial(all_control_planes_reachable, self.cluster, self.status),
+                partial(host_key_verified, self.status, sorted(self.cp_addresses)),
+            ]
+        )
+        if refused is not None or not self.control_planes:
+            return Decision([], Phase.ETCD_BOOT_ABORTED, self.blocks.items)
+        return Decision([EtcdBootstrapOp(self.control_planes, self.cluster)], Phase.ETCD_BOOT)
+
+    def start(self) -> EtcdStartOp | None:
+        """Start stopped members on control planes; no membership rule is involved."""
+        stopped = []
+        for node in self.control_planes:
+            ns = self.ns(node.address)
+            if ns is None or not ns.etcd_has_data or ns.etcd_running:
+                continue
+            # When etcd answers, only members are started: data of a non-member is
+            # stale and is destroyed by maintenance instead.
+            if self.etcd.reachable and self.etcd.member(node.address) is None:
+                continue
+            stopped.append(node)
+        nodes = self.sendable(stopped)
+        return EtcdStartOp(nodes, self.cluster) if nodes else None
+
+    def maintain(self) -> Operator | None:
+        for step in (
+            self.remove_dropped,
+            self.promote_learner,
+            self.add_member,
+            self.repair_lost_data,
+            self.destroy_data,
+            self.restart_outdated,
+        ):
+            op = step()
+            if op is not None:
+                return op
+        return None
+
+    # -- maintenance steps (each returns its operator, or records why not) --
+
+    def remove_dropped(self) -> Operator | None:
+        """(a) Remove a member whose address is not a desired control plane."""
+        dropped = [m for m in self.etcd.members if m.address not in self.cp_addresses]
+        # Dead members first (removing them never costs quorum), the leader last.
+        dropped.sort(key=lambda m: (m.healthy, self.is_leader(m), m.address, m.id))
+        for m in dropped:
+            checks: list[Check] = [
+                *self.membership_gate(excluding=[m.id]),
+                partial(host_key_verified, self.status, [m.address]),
+                partial(keep_quorum, self.status, m, removing=True),
+                partial(leader_moved_first, self.status, m),
+            ]
+            if not m.learner:
+                # Removing a voter may lose the data unless the new control planes keep
+                # a majority of the voters; adding first (step c) gets there safely.
+                checks.insert(-2, partial(keep_etcd_majority, self.status, self.cluster))
+            if self.blocks.first_failure(checks) is None:
+                node = self.nodes.get(m.address)
+                node = node if node is not None and self.reachable(m.address) else None
+                return EtcdRemoveMemberOp(m, node, self.move_leader_to(m))
+        return None
+
+    def promote_learner(self) -> Operator | None:
+        """(b) Promote a desired learner once it has caught up (rule 6)."""
+        learners = sorted(
+            (m for m in self.etcd.members if m.learner and m.address in self.cp_addresses),
+            key=lambda m: (m.address, m.id),
+        )
+        for m in learners:
+            checks: list[Check] = [
+                *self.membership_gate(excluding=[m.id]),
+                partial(learner_caught_up, self.status, m),
+            ]
+            if self.blocks.first_failure(checks) is None:
+                return EtcdPromoteOp(m)
+        return None
+
+    def add_member(self) -> Operator | None:
+        """(c) Add one missing control plane as a learner, when no learner is pending."""
+        if any(m.learner for m in self.etcd.members):
+            return None  # one newcomer at a time: (b) promotes it first
+        # A node with stale data waits for (e) to wipe it.  An unreachable node looks
+        # clean (nothing is known): the gate below refuses it by rule 1 and says so.
+        clean = [
+            n
+            for n in self.control_planes
+            if self.etcd.member(n.address) is None and not self._has_etcd(n.address)
+        ]
+        if not clean or self.blocks.first_failure(self.membership_gate()) is not None:
+            return None
+        # The gate passed, so every control plane is reachable with a verified host key.
+        return EtcdAddMemberOp(clean[0], self.cluster, list(self.etcd.members))
+
+    def repair_lost_data(self) -> Operator | None:
+        """(d) Remove a desired member whose node lost its data; (c) re-adds it."""
+        for node in self.control_planes:
+            m = self.etcd.member(node.address)
+            ns = self.ns(node.address)
+            if m is None or ns is None or m.healthy:
+                continue
+            if not self.reachable(node.address) or ns.etcd_has_data or ns.etcd_running:
+                continue
+            checks: list[Check] = [
+                *self.membership_gate(excluding=[m.id]),
+                partial(keep_quorum, self.status, m, removing=True),
+                partial(leader_moved_first, self.status, m),
+            ]
+            if self.blocks.first_failure(checks) is None:
+                return EtcdRemoveMemberOp(m, node, self.move_leader_to(m))
+        return None
+
+    def destroy_data(self) -> Operator | None:
+        """(e) Wipe etcd data on a node that is not a member (rule 4); not a membership
+        change, so it runs even while membership changes are blocked."""
+        stale = sorted(
+            (n for n in self.cluster.nodes if self._has_etcd(n.address)),
+            key=lambda n: n.address,
+        )
+        stale = [n for n in stale if self.etcd.member(n.address) is None]
+        for node in self.sendable(stale):
+            check = partial(destroy_only_non_members, self.status, node.address)
+            if self.blocks.first_failure([check]) is None:
+                return EtcdDestroyDataOp(node)
+        return None
+
+    def restart_outdated(self) -> Operator | None:
+        """(f) Restart one outdated member; rule 2 makes the next one wait until it is
+        back in sync."""
+        outdated: list[tuple[Node, EtcdMember]] = []
+        for node in self.control_planes:
+            m = self.etcd.member(node.address)
+            ns = self.ns(node.address)
+            if m is None or ns is None or not ns.etcd_running:
+                continue
+            # An unknown digest (None) counts as outdated: the spec is not cke's.
+            if ns.etcd_digest != desired_etcd_digest(node, self.cluster):
+                outdated.append((node, m))
+        outdated.sort(key=lambda nm: (self.is_leader(nm[1]), nm[0].address))
+        sendable = {n.address for n in self.sendable(n for n, _ in outdated)}
+        for node, m in outdated:
+            if node.address not in sendable:
+                continue
+            checks: list[Check] = [
+                partial(cluster_healthy_and_in_sync, self.status),
+                partial(keep_quorum, self.status, m, removing=False),
+                partial(leader_moved_first, self.status, m),
+            ]
+            if self.blocks.first_failure(checks) is None:
+                return EtcdRestartOp(node, self.cluster, self.move_leader_to(m))
+        return None
+
+    def _has_etcd(self, address: str) -> bool:
+        ns = self.ns(address)
+        return ns is not None and (ns.etcd_has_data or ns.etcd_running)

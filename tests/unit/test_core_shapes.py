@@ -38,14 +38,16 @@ def test_decide_without_cluster_waits() -> None:
     assert decision.operators == [] and decision.phase is Phase.WAITING_FOR_CLUSTER
 
 
-def test_decide_with_empty_status_returns_no_operations() -> None:
+def test_decide_with_an_unknown_control_plane_refuses_to_boot() -> None:
     cluster = parse_cluster(
         "name: c\nservice_subnet: 10.68.0.0/16\n"
         "nodes:\n- {address: 10.0.0.1, user: root, control_plane: true}\n"
     )
     decision = decide(cluster, Constraints(), ClusterStatus())
-    assert decision.operators == [] and decision.phase is Phase.COMPLETED
-    assert decision.blocked == []
+    # No status for the node: it counts as unreachable, so nothing may be bootstrapped.
+    assert decision.operators == [] and decision.phase is Phase.ETCD_BOOT_ABORTED
+    assert [b.rule for b in decision.blocked] == ["all-control-planes-reachable"]
+    assert decision.blocked[0].nodes == ("10.0.0.1",)
 
 
 def test_record_round_trip_and_cancel() -> None:

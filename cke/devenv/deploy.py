@@ -1,0 +1,139 @@
+"""A whole cke deployment on the test bed: Vault set up, replicas, and a cluster YAML.
+
+Used by the end-to-end tests, ``make demo`` and ``make bench-cke``: it does what an
+operator does, through ``ckecli`` and the ``cke`` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from etcd3aio import Etcd3Client
+
+from cke.devenv.bed import TestBed
+from cke.devenv.binaries import find_binary
+from cke.devenv.nodes import Node as BedNode
+from cke.devenv.replicas import CkecliResult, CkeReplica, ckecli, write_cke_config
+from cke.etcdadmin import endpoint
+
+
+class Deployment:
+    def __init__(
+        self, bed: TestBed, replicas: int = 1, interval: str = "2s", session_ttl: str = "3s"
+    ) -> None:
+        assert bed.vault is not None, "a deployment needs the bed's OpenBao"
+        self.bed = bed
+        self.prefix = f"/cke-{uuid.uuid4().hex[:8]}/"
+        self.dir = bed.base_dir / self.prefix.strip("/")
+        self.config = write_cke_config(bed.etcd.settings(self.prefix), self.dir / "config.yml")
+        self.replicas = [
+            CkeReplica(f"cke{i}", self.config, self.dir, interval=interval, session_ttl=session_ttl)
+            for i in range(replicas)
+        ]
+
+    async def ckecli(self, *args: str, stdin: bytes | None = None) -> CkecliResult:
+        assert self.bed.vault is not None
+        return await ckecli(
+            self.config, *args, stdin=stdin, env=self.bed.vault.admin_env(), cwd=self.dir
+        )
+
+    async def setup(self) -> None:
+        """``vault init``, the bed's SSH key into Vault, then start the replicas."""
+        for args in (("vault", "init"), ("vault", "ssh-privkey", str(self.bed.ssh_key_path))):
+            result = await self.ckecli(*args)
+            if result.returncode != 0:
+                raise RuntimeError(f"ckecli {' '.join(args)}: {result.stderr.strip()}")
+        for r in self.replicas:
+            await r.start()
+
+    async def stop(self) -> None:
+        for r in self.replicas:
+            await r.resume()
+            await r.stop()
+
+    def cluster_yaml(
+        self, control_planes: Sequence[BedNode], workers: Sequence[BedNode] = ()
+    ) -> str:
+        nodes = [
+            {
+                "address": n.address,
+                "hostname": n.name,
+                "user": "root",
+                "control_plane": n in control_planes,
+            }
+            for n in [*control_planes, *workers]
+        ]
+        doc = {
+            "name": "bed",
+            "service_subnet": "10.68.0.0/16",
+            "runtime": "process",
+            "binaries": {"etcd": find_binary("etcd"), "etcdctl": find_binary("etcdctl")},
+            "nodes": nodes,
+        }
+        return yaml.safe_dump(doc, sort_keys=False)
+
+    async def set_cluster(
+        self, control_planes: Sequence[BedNode], workers: Sequence[BedNode] = ()
+    ) -> CkecliResult:
+        count = str(len(control_planes))
+        await self.ckecli("constraints", "set", "control-plane-count", count)
+        text = self.cluster_yaml(control_planes, workers)
+        result = await self.ckecli("cluster", "set", "-", stdin=text.encode())
+        if result.returncode != 0 and "control-plane-count" in result.stderr:
+            # The constraint and the cluster must agree: set the cluster first next time.
+            result = await self.ckecli("cluster", "set", "-", stdin=text.encode())
+        return result
+
+    async def status(self) -> dict[str, object]:
+        result = await self.ckecli("status", "-o", "json")
+        if result.returncode != 0:
+            return {}
+        doc = json.loads(result.stdout)
+        assert isinstance(doc, dict)
+        return doc
+
+    async def wait_for(
+        self, phase: str, timeout: float = 90.0, voters: int | None = None
+    ) -> dict[str, object]:
+        """Wait until the leader reports ``phase`` (and, if given, that many voters)."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            last = await self.status()
+            members = last.get("etcd-members") or []
+            if last.get("phase") == phase and (
+                voters is None or (isinstance(members, list) and len(members) == voters)
+            ):
+                return last
+            await asyncio.sleep(0.5)
+        history = await self.ckecli("history", "-n", "5")
+        raise TimeoutError(
+            f"phase {phase!r} not reached in {timeout}s; last status {last}; "
+            f"recent operations:\n{history.stdout}"
+        )
+
+    async def root_client(self, addresses: list[str]) -> Etcd3Client:
+        """An etcd client of the managed cluster with a ``ckecli etcd root-issue`` cert."""
+        issued = await self.ckecli("etcd", "root-issue")
+        if issued.returncode != 0:
+            raise RuntimeError(issued.stderr)
+        cert = json.loads(issued.stdout)
+        server_ca = await self.ckecli("ca", "get", "server")
+        client = Etcd3Client(
+            [endpoint(a) for a in addresses],
+            ca_cert=server_ca.stdout.encode(),
+            cert_key=cert["private_key"].encode(),
+            cert_chain=cert["certificate"].encode(),
+            tls_server_name="localhost" if len(addresses) > 1 else None,
+        )
+        await client.connect()
+        return client
+
+    def root_cert_files(self) -> Path:
+        return self.dir

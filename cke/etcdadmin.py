@@ -1,0 +1,194 @@
+"""The etcd API of the cluster cke manages (not cke's own etcd): status and membership.
+
+One client per member endpoint, so that each member's own view (leader, raft index)
+is read from it, and membership changes go to a member that answers. cke
+authenticates with a ``root`` client certificate from Vault (CN-based auth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from etcd3aio import Etcd3Client, EtcdError, PermissionType, prefix_range_end
+
+from cke.common.logs import get_logger
+from cke.server.clusterstatus import EtcdMember, EtcdStatus
+
+log = get_logger("cke.etcdadmin")
+
+STATUS_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class EtcdCredentials:
+    server_ca: bytes  # CA of the members' serving certificates (cke/ca-server)
+    cert: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+
+
+def endpoint(address: str, port: int = 2379) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def peer_address(peer_url: str) -> str:
+    return urlsplit(peer_url).hostname or ""
+
+
+class EtcdAdmin:
+    def __init__(self, credentials: Callable[[], Awaitable[EtcdCredentials]]) -> None:
+        self._credentials = credentials
+        self._clients: dict[str, tuple[EtcdCredentials, Etcd3Client]] = {}
+
+    async def client(self, address: str) -> Etcd3Client:
+        creds = await self._credentials()
+        cached = self._clients.get(address)
+        if cached is not None and cached[0] == creds:
+            return cached[1]
+        if cached is not None:
+            with contextlib.suppress(Exception):
+                await cached[1].close()
+        c = Etcd3Client(
+            [endpoint(address)],
+            ca_cert=creds.server_ca,
+            cert_key=creds.key,
+            cert_chain=creds.cert,
+            rpc_max_attempts=1,
+        )
+        await c.connect()
+        self._clients[address] = (creds, c)
+        return c
+
+    async def close(self) -> None:
+        for _, c in self._clients.values():
+            with contextlib.suppress(Exception):
+                await c.close()
+        self._clients.clear()
+
+    async def _member_status(self, address: str) -> tuple[str, int, int, int] | None:
+        """(address, member id, leader id, raft applied index) or None if it did not answer."""
+        try:
+            c = await self.client(address)
+            assert c.maintenance is not None
+            st = await c.maintenance.status(timeout=STATUS_TIMEOUT)
+        except (EtcdError, OSError, TimeoutError):
+            return None
+        if st.errors:
+            return None
+        return address, int(st.header.member_id), int(st.leader), int(st.raftAppliedIndex)
+
+    async def status(self, addresses: Iterable[str]) -> EtcdStatus:
+        """Membership from any member that answers; health and raft index from each."""
+        candidates = sorted(set(addresses))
+        answers = await asyncio.gather(*(self._member_status(a) for a in candidates))
+        alive = {a[1]: a for a in answers if a is not None}
+        members_resp = None
+        for answer in answers:
+            if answer is None:
+                continue
+            try:
+                c = await self.client(answer[0])
+                assert c.cluster is not None
+                members_resp = await c.cluster.member_list(timeout=STATUS_TIMEOUT)
+                break
+            except (EtcdError, OSError, TimeoutError):
+                continue
+        if members_resp is None:
+            return EtcdStatus(reachable=False)
+        leaders = {a[2] for a in alive.values() if a[2]}
+        leader_id = leaders.pop() if len(leaders) == 1 else None
+        members = []
+        for m in members_resp.members:
+            mid = int(m.ID)
+            answer = alive.get(mid)
+            members.append(
+                EtcdMember(
+                    id=mid,
+                    name=m.name,
+                    address=peer_address(m.peerURLs[0]) if m.peerURLs else "",
+                    learner=bool(m.isLearner),
+                    healthy=answer is not None,
+                    raft_index=answer[3] if answer else 0,
+                    leader=mid == leader_id,
+                )
+            )
+        return EtcdStatus(reachable=True, members=tuple(members), leader_id=leader_id)
+
+    async def _any(self, addresses: Iterable[str]) -> Etcd3Client:
+        for address in sorted(set(addresses)):
+            if await self._member_status(address) is not None:
+                return await self.client(address)
+        raise EtcdError("no etcd member answers")
+
+    async def member_add(self, via: Iterable[str], peer_url: str, learner: bool = True) -> int:
+        c = await self._any(via)
+        assert c.cluster is not None
+        current = await c.cluster.member_list(timeout=5)
+        for m in current.members:
+            if peer_url in m.peerURLs:
+                return int(m.ID)  # added before a leader change: keep it
+        resp = await c.cluster.member_add([peer_url], is_learner=learner, timeout=10)
+        return int(resp.member.ID)
+
+    async def member_promote(self, via: Iterable[str], member_id: int) -> None:
+        c = await self._any(via)
+        assert c.cluster is not None
+        await c.cluster.member_promote(member_id, timeout=10)
+
+    async def member_remove(self, via: Iterable[str], member_id: int) -> None:
+        c = await self._any(via)
+        assert c.cluster is not None
+        current = await c.cluster.member_list(timeout=5)
+        if member_id not in {int(m.ID) for m in current.members}:
+            return  # removed already
+        await c.cluster.member_remove(member_id, timeout=10)
+
+    async def move_leader(self, leader_address: str, target_id: int) -> None:
+        c = await self.client(leader_address)
+        assert c.maintenance is not None
+        await c.maintenance.move_leader(target_id, timeout=10)
+
+    async def setup_auth(self, via: Iterable[str]) -> bool:
+        """Users ``root`` and ``kube-apiserver`` (``/registry/`` only), then auth on.
+
+        Returns False when auth was on already. Idempotent step by step.
+        """
+        c = await self._any(via)
+        assert c.auth is not None
+        if (await c.auth.auth_status(timeout=5)).enabled:
+            return False
+        users = set((await c.auth.user_list(timeout=5)).users)
+        roles = set((await c.auth.role_list(timeout=5)).roles)
+        if "root" not in roles:
+            await c.auth.role_add("root", timeout=5)
+        if "root" not in users:
+            await c.auth.user_add("root", no_password=True, timeout=5)
+            await c.auth.user_grant_role("root", "root", timeout=5)
+        await self.user_add_with(c, "kube-apiserver", "/registry/")
+        await c.auth.auth_enable(timeout=10)
+        return True
+
+    async def user_add(self, via: Iterable[str], user: str, prefix: str) -> None:
+        await self.user_add_with(await self._any(via), user, prefix)
+
+    @staticmethod
+    async def user_add_with(c: Etcd3Client, user: str, prefix: str) -> None:
+        """A user (no password: certificate CN) and a same-named role limited to ``prefix``."""
+        assert c.auth is not None
+        users = set((await c.auth.user_list(timeout=5)).users)
+        roles = set((await c.auth.role_list(timeout=5)).roles)
+        if user not in roles:
+            await c.auth.role_add(user, timeout=5)
+            await c.auth.role_grant_permission(
+                user,
+                prefix,
+                prefix_range_end(prefix.encode()),
+                perm_type=PermissionType.READWRITE,
+                timeout=5,
+            )
+        if user not in users:
+            await c.auth.user_add(user, no_password=True, timeout=5)
+            await c.auth.user_grant_role(user, user, timeout=5)

@@ -1,0 +1,482 @@
+"""Operations on the managed etcd cluster (CKE's ``op/etcd``), and its service spec.
+
+Each operator is built by the decision function from the collected status and
+runs as a list of small commands; a new leader can always start afresh because
+every command checks what is already done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from etcd3aio import EtcdError
+
+from cke.cluster import Cluster, Node
+from cke.etcdadmin import EtcdAdmin
+from cke.nodes.pool import NodePool
+from cke.nodes.runtime import NodeFile, Runtime, ServiceSpec
+from cke.op.base import Commander, CommandInfo, OpContext, Operator
+from cke.pki import CertIssuer
+from cke.server.clusterstatus import EtcdMember
+
+ETCD_SERVICE = "etcd"
+ETCD_DATA_DIR = "/var/lib/cke/etcd"
+ETCD_CONF_DIR = "/etc/cke/etcd"
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+
+
+def client_url(address: str) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"https://{host}:{ETCD_CLIENT_PORT}"
+
+
+def peer_url(address: str) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"https://{host}:{ETCD_PEER_PORT}"
+
+
+@dataclass(frozen=True)
+class EtcdSpecArgs:
+    """The arguments of a member's etcd; ``digest()`` of its ServiceSpec marks outdated ones."""
+
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+
+
+def etcd_args(node: Node, cluster: Cluster) -> EtcdSpecArgs:
+    """What makes a member *outdated* when it changes (not the initial-cluster flags)."""
+    params = cluster.options.etcd
+    args = (
+        f"--name={node.name}",
+        f"--data-dir={ETCD_DATA_DIR}",
+        f"--listen-client-urls={client_url(node.address)}",
+        f"--advertise-client-urls={client_url(node.address)}",
+        f"--listen-peer-urls={peer_url(node.address)}",
+        f"--initial-advertise-peer-urls={peer_url(node.address)}",
+        f"--cert-file={ETCD_CONF_DIR}/server.crt",
+        f"--key-file={ETCD_CONF_DIR}/server.key",
+        f"--trusted-ca-file={ETCD_CONF_DIR}/ca-client.crt",
+        "--client-cert-auth=true",
+        f"--peer-cert-file={ETCD_CONF_DIR}/peer.crt",
+        f"--peer-key-file={ETCD_CONF_DIR}/peer.key",
+        f"--peer-trusted-ca-file={ETCD_CONF_DIR}/ca-peer.crt",
+        "--peer-client-cert-auth=true",
+        "--enable-v2=false",
+        "--logger=zap",
+        "--log-outputs=stderr",
+        *params.extra_args,
+    )
+    return EtcdSpecArgs(args, tuple(sorted(params.extra_env.items())))
+
+
+# -- what commands use ---------------------------------------------------------------------
+
+
+@dataclass
+class EtcdTools:
+    """The services etcd commands need, put in ``OpContext.services['etcd-tools']``."""
+
+    pool: NodePool
+    runtime: Runtime
+    admin: EtcdAdmin
+    issuer: Callable[[], Awaitable[CertIssuer]]  # waits for Vault
+    ca: Callable[[str], Awaitable[str]]  # CA certificate PEM by ckecli name
+
+
+def tools(ctx: OpContext) -> EtcdTools:
+    found = ctx.services["etcd-tools"]
+    assert isinstance(found, EtcdTools)
+    return found
+
+
+def etcd_service_spec(node: Node, cluster: Cluster, initial: tuple[str, ...] = ()) -> ServiceSpec:
+    """The member's spec; ``initial`` (initial-cluster flags) only matters on first start."""
+    spec_args = etcd_args(node, cluster)
+    return ServiceSpec(
+        ETCD_SERVICE,
+        cluster.binaries.etcd,
+        spec_args.args,
+        spec_args.env,
+        start_args=initial,
+    )
+
+
+def desired_etcd_digest(node: Node, cluster: Cluster) -> str:
+    """The spec digest a member on ``node`` must run with; any other is outdated."""
+    return etcd_service_spec(node, cluster).digest()
+
+
+def initial_cluster_args(members: list[tuple[str, str]], state: str, token: str) -> tuple[str, ...]:
+    """``--initial-cluster`` flags from (name, address) pairs."""
+    joined = ",".join(f"{name}={peer_url(address)}" for name, address in sorted(members))
+    return (
+        f"--initial-cluster={joined}",
+        f"--initial-cluster-state={state}",
+        f"--initial-cluster-token={token}",
+    )
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+class _Command(Commander):
+    def __init__(self, name: str, target: str = "", detail: str = "") -> None:
+        self._info = CommandInfo(name, target, detail)
+
+    @property
+    def info(self) -> CommandInfo:
+        return self._info
+
+
+@dataclass
+class CertBundle:
+    """A node's etcd certificates, held in memory only for the life of one operation."""
+
+    files: dict[str, tuple[NodeFile, ...]] = field(default_factory=dict)
+
+
+class IssueEtcdCerts(_Command):
+    """Get every certificate first, so that no node is touched while Vault is away."""
+
+    def __init__(self, nodes: list[Node], bundle: CertBundle) -> None:
+        super().__init__("issue-etcd-certificates", ",".join(n.address for n in nodes))
+        self.nodes = nodes
+        self.bundle = bundle
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        issuer = await t.issuer()
+        client_ca = await t.ca("etcd-client")
+        peer_ca = await t.ca("etcd-peer")
+        for node in self.nodes:
+            server = await issuer.etcd_server(node.address, node.hostname)
+            peer = await issuer.etcd_peer(node.address, node.hostname)
+            self.bundle.files[node.address] = (
+                NodeFile(f"{ETCD_CONF_DIR}/server.crt", server.certificate.encode(), 0o644),
+                NodeFile(f"{ETCD_CONF_DIR}/server.key", server.private_key.encode(), 0o600),
+                NodeFile(f"{ETCD_CONF_DIR}/peer.crt", peer.certificate.encode(), 0o644),
+                NodeFile(f"{ETCD_CONF_DIR}/peer.key", peer.private_key.encode(), 0o600),
+                NodeFile(f"{ETCD_CONF_DIR}/ca-client.crt", client_ca.encode(), 0o644),
+                NodeFile(f"{ETCD_CONF_DIR}/ca-peer.crt", peer_ca.encode(), 0o644),
+            )
+
+
+class WriteEtcdCerts(_Command):
+    def __init__(self, node: Node, bundle: CertBundle) -> None:
+        super().__init__("write-etcd-certificates", node.address, ETCD_CONF_DIR)
+        self.node = node
+        self.bundle = bundle
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        script = t.runtime.write_files_script(self.bundle.files[self.node.address])
+        await run_script_on(t.pool, self.node, script)
+
+
+class StartEtcd(_Command):
+    def __init__(self, node: Node, cluster: Cluster, initial: tuple[str, ...] = ()) -> None:
+        detail = next((a for a in initial if a.startswith("--initial-cluster-state")), "")
+        super().__init__("start-etcd", node.address, detail)
+        self.node = node
+        self.cluster = cluster
+        self.initial = initial
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        spec = etcd_service_spec(self.node, self.cluster, self.initial)
+        await run_script_on(t.pool, self.node, t.runtime.start_script(spec))
+
+
+class StopEtcd(_Command):
+    def __init__(self, node: Node) -> None:
+        super().__init__("stop-etcd", node.address)
+        self.node = node
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        await run_script_on(t.pool, self.node, t.runtime.stop_script(ETCD_SERVICE))
+
+
+class DestroyEtcdData(_Command):
+    def __init__(self, node: Node) -> None:
+        super().__init__("destroy-etcd-data", node.address, ETCD_DATA_DIR)
+        self.node = node
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        await run_script_on(t.pool, self.node, t.runtime.remove_path_script(ETCD_DATA_DIR))
+
+
+class WaitEtcdHealthy(_Command):
+    """Wait until every listed member answers and the cluster has one leader."""
+
+    def __init__(self, addresses: list[str], timeout: float = 90.0) -> None:
+        super().__init__("wait-etcd-healthy", ",".join(addresses))
+        self.addresses = addresses
+        self.timeout = timeout
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            st = await t.admin.status(self.addresses)
+            healthy = {m.address for m in st.members if m.healthy}
+            if st.leader_id is not None and set(self.addresses) <= healthy:
+                return
+            if loop.time() > deadline:
+                missing = sorted(set(self.addresses) - healthy)
+                raise TimeoutError(f"etcd not healthy after {self.timeout:.0f}s: {missing}")
+            await asyncio.sleep(0.5)
+
+
+class SetupEtcdAuth(_Command):
+    def __init__(self, addresses: list[str]) -> None:
+        super().__init__("setup-etcd-auth", ",".join(addresses), "root, kube-apiserver")
+        self.addresses = addresses
+
+    async def run(self, ctx: OpContext) -> None:
+        await tools(ctx).admin.setup_auth(self.addresses)
+
+
+@dataclass
+class JoinState:
+    members: list[tuple[str, str]] = field(default_factory=list)
+
+
+class AddLearner(_Command):
+    def __init__(self, node: Node, via: list[str], join: JoinState) -> None:
+        super().__init__("etcd-member-add", node.address, "learner")
+        self.node = node
+        self.via = via
+        self.join = join
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        await t.admin.member_add(self.via, peer_url(self.node.address), learner=True)
+        st = await t.admin.status(self.via)
+        self.join.members = [(m.name or self.node.name, m.address) for m in st.members if m.address]
+        if (self.node.name, self.node.address) not in self.join.members:
+            self.join.members.append((self.node.name, self.node.address))
+
+
+class StartJoiningEtcd(_Command):
+    def __init__(self, node: Node, cluster: Cluster, join: JoinState) -> None:
+        super().__init__("start-etcd", node.address, "--initial-cluster-state=existing")
+        self.node = node
+        self.cluster = cluster
+        self.join = join
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        initial = initial_cluster_args(self.join.members, "existing", self.cluster.name)
+        spec = etcd_service_spec(self.node, self.cluster, initial)
+        await run_script_on(t.pool, self.node, t.runtime.start_script(spec))
+
+
+class PromoteLearner(_Command):
+    def __init__(self, member: EtcdMember, via: list[str], timeout: float = 60.0) -> None:
+        super().__init__("etcd-member-promote", member.address)
+        self.member = member
+        self.via = via
+        self.timeout = timeout
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            try:
+                await t.admin.member_promote(self.via, self.member.id)
+                return
+            except EtcdError as exc:
+                # etcd refuses while the learner is behind the leader's log.
+                if loop.time() > deadline:
+                    raise RuntimeError(f"learner not caught up: {exc}") from exc
+                await asyncio.sleep(1.0)
+
+
+class MoveLeader(_Command):
+    def __init__(self, leader: EtcdMember, target: EtcdMember) -> None:
+        super().__init__("etcd-move-leader", leader.address, f"to {target.address}")
+        self.leader = leader
+        self.target = target
+
+    async def run(self, ctx: OpContext) -> None:
+        await tools(ctx).admin.move_leader(self.leader.address, self.target.id)
+
+
+class RemoveMember(_Command):
+    def __init__(self, member: EtcdMember, via: list[str]) -> None:
+        super().__init__("etcd-member-remove", member.address, f"id {member.id:x}")
+        self.member = member
+        self.via = via
+
+    async def run(self, ctx: OpContext) -> None:
+        await tools(ctx).admin.member_remove(self.via, self.member.id)
+
+
+async def run_script_on(pool: NodePool, node: Node, script: bytes) -> None:
+    result = await pool.run(node, "sh -s", input=script, update=True)
+    if not result.ok:
+        first = result.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(
+            f"{node.address}: {first[-1] if first else 'exit ' + str(result.exit_status)}"
+        )
+
+
+# -- operators -----------------------------------------------------------------------------
+
+
+class StepOperator(Operator):
+    """An operator whose commands are known up front."""
+
+    def __init__(self, name: str, targets: list[str], steps: list[Commander]) -> None:
+        self._name = name
+        self._targets = targets
+        self._steps = steps
+        self._next = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def targets(self) -> list[str]:
+        return self._targets
+
+    def next_command(self) -> Commander | None:
+        if self._next >= len(self._steps):
+            return None
+        step = self._steps[self._next]
+        self._next += 1
+        return step
+
+
+class EtcdBootstrapOp(StepOperator):
+    """Start a new cluster on every control plane at once (initial-cluster-state new)."""
+
+    def __init__(self, nodes: list[Node], cluster: Cluster) -> None:
+        self.nodes = nodes
+        self.cluster = cluster
+        bundle = CertBundle()
+        addresses = [n.address for n in nodes]
+        initial = initial_cluster_args([(n.name, n.address) for n in nodes], "new", cluster.name)
+        steps: list[Commander] = [IssueEtcdCerts(nodes, bundle)]
+        steps += [WriteEtcdCerts(n, bundle) for n in nodes]
+        steps += [StartEtcd(n, cluster, initial) for n in nodes]
+        steps += [WaitEtcdHealthy(addresses), SetupEtcdAuth(addresses)]
+        super().__init__("etcd-bootstrap", addresses, steps)
+
+
+class EtcdStartOp(StepOperator):
+    """Start stopped members that keep their data (certificates are written afresh)."""
+
+    def __init__(self, nodes: list[Node], cluster: Cluster) -> None:
+        self.nodes = nodes
+        self.cluster = cluster
+        bundle = CertBundle()
+        steps: list[Commander] = [IssueEtcdCerts(nodes, bundle)]
+        for n in nodes:
+            steps += [WriteEtcdCerts(n, bundle), StartEtcd(n, cluster)]
+        super().__init__("etcd-start", [n.address for n in nodes], steps)
+
+
+class EtcdAddMemberOp(StepOperator):
+    """Add one control plane as a learner and start it (initial-cluster-state existing).
+
+    Stale data on the node (from an earlier membership) is wiped first: the node is
+    not a member now, so its data belongs to no one (rule 4).
+    """
+
+    def __init__(self, node: Node, cluster: Cluster, members: list[EtcdMember]) -> None:
+        self.node = node
+        self.cluster = cluster
+        self.members = members
+        bundle = CertBundle()
+        join = JoinState()
+        via = [m.address for m in members if m.healthy and not m.learner]
+        steps: list[Commander] = [
+            IssueEtcdCerts([node], bundle),
+            StopEtcd(node),
+            DestroyEtcdData(node),
+            WriteEtcdCerts(node, bundle),
+            AddLearner(node, via, join),
+            StartJoiningEtcd(node, cluster, join),
+            # Until the learner answers, its node looks like one whose data was lost.
+            WaitEtcdHealthy([node.address]),
+        ]
+        super().__init__("etcd-add-member", [node.address], steps)
+
+
+class EtcdPromoteOp(StepOperator):
+    """Promote a caught-up learner to a voting member."""
+
+    def __init__(self, member: EtcdMember, via: list[str] | None = None) -> None:
+        self.member = member
+        super().__init__(
+            "etcd-promote-member",
+            [member.address],
+            [PromoteLearner(member, via or [member.address])],
+        )
+
+
+class EtcdRemoveMemberOp(StepOperator):
+    """Remove one member (moving leadership away first), then stop it and wipe its data."""
+
+    def __init__(
+        self,
+        member: EtcdMember,
+        node: Node | None,
+        move_leader_to: EtcdMember | None,
+        via: list[str] | None = None,
+    ) -> None:
+        self.member = member
+        self.node = node
+        self.move_leader_to = move_leader_to
+        others = via or ([move_leader_to.address] if move_leader_to else [])
+        steps: list[Commander] = []
+        if move_leader_to is not None:
+            steps.append(MoveLeader(member, move_leader_to))
+        steps.append(RemoveMember(member, others or [member.address]))
+        if node is not None:
+            steps += [StopEtcd(node), DestroyEtcdData(node)]
+        super().__init__("etcd-remove-member", [member.address], steps)
+
+
+class EtcdDestroyDataOp(StepOperator):
+    """Stop etcd on a node that is not a member and wipe its data directory."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        super().__init__(
+            "etcd-destroy-data", [node.address], [StopEtcd(node), DestroyEtcdData(node)]
+        )
+
+
+class EtcdRestartOp(StepOperator):
+    """Restart one outdated member with its new spec (moving leadership away first)."""
+
+    def __init__(
+        self,
+        node: Node,
+        cluster: Cluster,
+        move_leader_to: EtcdMember | None,
+        leader: EtcdMember | None = None,
+    ) -> None:
+        self.node = node
+        self.cluster = cluster
+        self.move_leader_to = move_leader_to
+        bundle = CertBundle()
+        steps: list[Commander] = [IssueEtcdCerts([node], bundle)]
+        if move_leader_to is not None and leader is not None:
+            steps.append(MoveLeader(leader, move_leader_to))
+        steps += [
+            WriteEtcdCerts(node, bundle),
+            StartEtcd(node, cluster),  # the runtime restarts a service whose spec changed
+            WaitEtcdHealthy([node.address]),
+        ]
+        super().__init__("etcd-restart", [node.address], steps)
