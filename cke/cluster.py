@@ -1,0 +1,759 @@
+"""The cluster configuration model (CKE's ``cluster.md`` subset), constraints, and validation.
+
+Pure: the only input is text.  ``parse_cluster`` and ``cluster_from_json`` return only
+clusters that pass every check that does not depend on the constraints; ``validate_cluster``
+runs those checks again plus the constraint checks, and is what must pass before a cluster
+is stored.
+
+Every problem is reported as ``path: problem`` (``nodes[3].address: duplicate of nodes[1]``),
+all problems at once, in document order, joined with ``"; "``.  Messages quote at most a short,
+truncated key; values from the document are never echoed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cke.common.etcd import format_validation_error
+
+__all__ = [
+    "COMPONENTS",
+    "CONSTRAINT_NAMES",
+    "RESERVED_KEY_INFIX",
+    "RESERVED_KEY_PREFIX",
+    "TAINT_EFFECTS",
+    "Binaries",
+    "Cluster",
+    "ClusterError",
+    "Constraints",
+    "Mount",
+    "Node",
+    "Options",
+    "ServiceParams",
+    "Taint",
+    "check_cluster",
+    "cluster_from_json",
+    "cluster_to_json",
+    "cluster_to_yaml",
+    "constraints_from_json",
+    "constraints_to_json",
+    "parse_cluster",
+    "set_constraint",
+    "validate_cluster",
+]
+
+Problem = tuple[str, str]
+"""``(path, problem)``; rendered as ``path: problem``."""
+
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# CKE reserves keys (labels, annotations, taints) that contain this ...
+RESERVED_KEY_INFIX = "cke.cybozu.com/"
+# ... or start with this.
+RESERVED_KEY_PREFIX = "node-role.kubernetes.io/"
+
+COMPONENTS = (
+    "etcd",
+    "etcd-rivers",
+    "rivers",
+    "kube-api",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+    "kubelet",
+)
+"""The keys of ``options``."""
+
+
+class ClusterError(ValueError):
+    """An invalid cluster or constraints document; ``str()`` is ``path: problem; ...``."""
+
+    def __init__(self, message: str, problems: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
+
+    @classmethod
+    def from_problems(cls, problems: Iterable[Problem]) -> ClusterError:
+        lines = [f"{path}: {msg}" for path, msg in problems]
+        return cls("; ".join(lines), lines)
+
+
+# ---------------------------------------------------------------------------
+# The model.  Types only; the semantic checks are the functions further down.
+# ---------------------------------------------------------------------------
+
+_MODEL_CONFIG = ConfigDict(
+    extra="forbid",
+    frozen=True,
+    strict=True,
+    validate_by_alias=True,
+    validate_by_name=True,
+)
+
+
+class Taint(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    key: str
+    value: str = ""
+    effect: str
+
+
+class Mount(BaseModel):
+    """One entry of ``extra_binds``; both paths absolute."""
+
+    model_config = _MODEL_CONFIG
+
+    source: str
+    destination: str
+    read_only: bool = False
+
+
+class ServiceParams(BaseModel):
+    """The fields every ``options.<component>`` has in CKE."""
+
+    model_config = _MODEL_CONFIG
+
+    extra_args: list[str] = Field(default_factory=list)
+    extra_env: dict[str, str] = Field(default_factory=dict)
+    extra_binds: list[Mount] = Field(default_factory=list)
+
+
+class Options(BaseModel):
+    """Per-component extra parameters (``options`` in CKE)."""
+
+    model_config = _MODEL_CONFIG
+
+    etcd: ServiceParams = Field(default_factory=ServiceParams)
+    etcd_rivers: ServiceParams = Field(default_factory=ServiceParams, alias="etcd-rivers")
+    rivers: ServiceParams = Field(default_factory=ServiceParams)
+    kube_api: ServiceParams = Field(default_factory=ServiceParams, alias="kube-api")
+    kube_controller_manager: ServiceParams = Field(
+        default_factory=ServiceParams, alias="kube-controller-manager"
+    )
+    kube_scheduler: ServiceParams = Field(default_factory=ServiceParams, alias="kube-scheduler")
+    kube_proxy: ServiceParams = Field(default_factory=ServiceParams, alias="kube-proxy")
+    kubelet: ServiceParams = Field(default_factory=ServiceParams)
+
+    def for_component(self, component: str) -> ServiceParams:
+        """The parameters of a component by its ``options`` key (``"kube-api"``)."""
+        if component not in COMPONENTS:
+            raise KeyError(component)
+        params: ServiceParams = getattr(self, component.replace("-", "_"))
+        return params
+
+
+class Binaries(BaseModel):
+    """Where each program lives on the nodes (absolute paths).
+
+    ``etcd-rivers`` runs the ``rivers`` program.
+    """
+
+    model_config = _MODEL_CONFIG
+
+    etcd: str = "/usr/local/bin/etcd"
+    etcdctl: str = "/usr/local/bin/etcdctl"
+    rivers: str = "/usr/local/bin/rivers"
+    kube_apiserver: str = Field(default="/usr/local/bin/kube-apiserver", alias="kube-apiserver")
+    kube_controller_manager: str = Field(
+        default="/usr/local/bin/kube-controller-manager", alias="kube-controller-manager"
+    )
+    kube_scheduler: str = Field(default="/usr/local/bin/kube-scheduler", alias="kube-scheduler")
+    kube_proxy: str = Field(default="/usr/local/bin/kube-proxy", alias="kube-proxy")
+    kubelet: str = "/usr/local/bin/kubelet"
+
+    def path_of(self, program: str) -> str:
+        """The path of a program by its YAML key (``"kube-apiserver"``)."""
+        if program.replace("_", "-") != program or program not in _BINARY_NAMES:
+            raise KeyError(program)
+        path: str = getattr(self, program.replace("-", "_"))
+        return path
+
+
+_BINARY_NAMES = tuple(f.alias or name for name, f in Binaries.model_fields.items())
+
+
+class Node(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    address: str
+    hostname: str = ""
+    user: str
+    port: int = Field(default=22, ge=1, le=65535)
+    host_key: str | None = None
+    control_plane: bool = False
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    taints: list[Taint] = Field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The Kubernetes node name: ``hostname``, or the address when that is empty."""
+        return self.hostname or self.address
+
+
+class Cluster(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    name: str
+    nodes: list[Node]
+    service_subnet: str
+    dns_servers: list[str] = Field(default_factory=list)
+    runtime: Literal["systemd", "process"] = "systemd"
+    binaries: Binaries = Field(default_factory=Binaries)
+    options: Options = Field(default_factory=Options)
+
+    @property
+    def control_planes(self) -> list[Node]:
+        return [n for n in self.nodes if n.control_plane]
+
+    @property
+    def workers(self) -> list[Node]:
+        return [n for n in self.nodes if not n.control_plane]
+
+
+class Constraints(BaseModel):
+    """CKE's cluster constraints; JSON/CLI names are hyphenated."""
+
+    model_config = _MODEL_CONFIG
+
+    control_plane_count: int = Field(default=1, ge=1, alias="control-plane-count")
+    minimum_workers_rate: int = Field(default=80, ge=0, le=100, alias="minimum-workers-rate")
+    maximum_unreachable_nodes_for_reboot: int = Field(
+        default=0, ge=0, alias="maximum-unreachable-nodes-for-reboot"
+    )
+    maximum_repair_queue_entries: int = Field(default=0, ge=0, alias="maximum-repair-queue-entries")
+    wait_seconds_to_repair_rebooting: int = Field(
+        default=0, ge=0, alias="wait-seconds-to-repair-rebooting"
+    )
+
+
+CONSTRAINT_NAMES: tuple[str, ...] = tuple(
+    f.alias or name for name, f in Constraints.model_fields.items()
+)
+
+
+# ---------------------------------------------------------------------------
+# Syntax helpers (Kubernetes rules).
+# ---------------------------------------------------------------------------
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN_RE = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_QUALIFIED_NAME_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_LABEL_VALUE_RE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_TYPE_RE = re.compile(r"[a-z0-9][-a-z0-9@.]*")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _quote(key: str, limit: int = 40) -> str:
+    """A map key for a path, JSON-quoted and cut short."""
+    if len(key) > limit:
+        key = key[:limit] + "..."
+    return json.dumps(key)
+
+
+def dns_subdomain_problem(value: str) -> str | None:
+    """Why ``value`` is not an RFC 1123 DNS subdomain (lower case, <= 253), or None."""
+    if not value:
+        return "must not be empty"
+    if len(value) > 253:
+        return "must be at most 253 characters"
+    if not _DNS_SUBDOMAIN_RE.fullmatch(value):
+        return (
+            "must be an RFC 1123 DNS name: lower-case letters, digits, '-' and '.', "
+            "each part starting and ending with a letter or digit"
+        )
+    if any(len(part) > 63 for part in value.split(".")):
+        return "each dot-separated part must be at most 63 characters"
+    return None
+
+
+def qualified_name_problem(key: str) -> str | None:
+    """Why ``key`` is not a Kubernetes qualified name (``[prefix/]name``), or None."""
+    prefix, slash, name = key.rpartition("/")
+    if slash:
+        if not prefix:
+            return "prefix before '/' must not be empty"
+        if "/" in prefix:
+            return "must contain at most one '/'"
+        problem = dns_subdomain_problem(prefix)
+        if problem is not None:
+            return f"prefix {problem}"
+    if not name:
+        return "name must not be empty"
+    if len(name) > 63:
+        return "name must be at most 63 characters"
+    if not _QUALIFIED_NAME_RE.fullmatch(name):
+        return (
+            "name must consist of letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit"
+        )
+    return None
+
+
+def label_value_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid Kubernetes label value, or None."""
+    if len(value) > 63:
+        return "value must be at most 63 characters"
+    if not _LABEL_VALUE_RE.fullmatch(value):
+        return (
+            "value must be empty or consist of letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit"
+        )
+    return None
+
+
+def reserved_key_problem(key: str) -> str | None:
+    """Keys CKE keeps for itself: containing cke.cybozu.com/ or under node-role.kubernetes.io/."""
+    if RESERVED_KEY_INFIX in key:
+        return f"keys containing {RESERVED_KEY_INFIX!r} are reserved for CKE"
+    if key.startswith(RESERVED_KEY_PREFIX):
+        return f"keys starting with {RESERVED_KEY_PREFIX!r} are reserved for CKE"
+    return None
+
+
+def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# The checks.  Each returns its problems, with full paths, in document order.
+# ---------------------------------------------------------------------------
+
+
+def check_name(cluster: Cluster) -> list[Problem]:
+    if not cluster.name:
+        return [("name", "must not be empty")]
+    if _CONTROL_RE.search(cluster.name):
+        return [("name", "must not contain control characters")]
+    return []
+
+
+def check_node_address(node: Node, path: str) -> list[Problem]:
+    if _ip(node.address) is None:
+        return [(f"{path}.address", "must be an IPv4 or IPv6 address")]
+    return []
+
+
+def check_node_hostname(node: Node, path: str) -> list[Problem]:
+    if node.hostname:
+        problem = dns_subdomain_problem(node.hostname)
+        return [] if problem is None else [(f"{path}.hostname", problem)]
+    ip = _ip(node.address)
+    if ip is not None and ip.version == 6:
+        # The node name would be the address, and ':' is not allowed in a node name.
+        return [(f"{path}.hostname", "required when the address is IPv6")]
+    return []
+
+
+def check_node_user(node: Node, path: str) -> list[Problem]:
+    if not node.user:
+        return [(f"{path}.user", "must not be empty")]
+    if any(c.isspace() for c in node.user) or _CONTROL_RE.search(node.user):
+        return [(f"{path}.user", "must not contain white space or control characters")]
+    return []
+
+
+def host_key_problem(key: str) -> str | None:
+    """Why ``key`` is not an OpenSSH one-line public key (``type base64 [comment]``), or None."""
+    if "\n" in key or "\r" in key or "\x00" in key:
+        return "must be a single line"
+    fields = key.split(None, 2)
+    if len(fields) < 2:
+        return "must be an OpenSSH public key: 'type base64 [comment]'"
+    key_type, blob_text = fields[0], fields[1]
+    if not _KEY_TYPE_RE.fullmatch(key_type):
+        return "key type is not a valid OpenSSH key type"
+    try:
+        blob = base64.b64decode(blob_text, validate=True)
+    except (binascii.Error, ValueError):
+        return "key data is not valid base64"
+    # The blob starts with the key type as an SSH string: uint32 length, then the bytes.
+    if len(blob) < 4:
+        return "key data is too short"
+    (length,) = struct.unpack(">I", blob[:4])
+    if blob[4 : 4 + length] != key_type.encode() or length != len(key_type):
+        return "key data does not match the key type"
+    if len(blob) == 4 + length:
+        return "key data is too short"
+    return None
+
+
+def check_node_host_key(node: Node, path: str) -> list[Problem]:
+    if node.host_key is None:
+        return []
+    problem = host_key_problem(node.host_key)
+    return [] if problem is None else [(f"{path}.host_key", problem)]
+
+
+def check_node_labels(node: Node, path: str) -> list[Problem]:
+    problems: list[Problem] = []
+    for key, value in node.labels.items():
+        where = f"{path}.labels[{_quote(key)}]"
+        for problem in (
+            qualified_name_problem(key),
+            reserved_key_problem(key),
+            label_value_problem(value),
+        ):
+            if problem is not None:
+                problems.append((where, problem))
+    return problems
+
+
+def check_node_annotations(node: Node, path: str) -> list[Problem]:
+    problems: list[Problem] = []
+    for key in node.annotations:
+        where = f"{path}.annotations[{_quote(key)}]"
+        # Like CKE (and Kubernetes), annotation keys are checked case-insensitively.
+        for problem in (qualified_name_problem(key.lower()), reserved_key_problem(key)):
+            if problem is not None:
+                problems.append((where, problem))
+    return problems
+
+
+def check_node_taints(node: Node, path: str) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, taint in enumerate(node.taints):
+        where = f"{path}.taints[{i}]"
+        for field, problem in (
+            ("key", qualified_name_problem(taint.key)),
+            ("key", reserved_key_problem(taint.key)),
+            ("value", label_value_problem(taint.value)),
+        ):
+            if problem is not None:
+                problems.append((f"{where}.{field}", problem))
+        if taint.effect not in TAINT_EFFECTS:
+            problems.append((f"{where}.effect", f"must be one of {', '.join(TAINT_EFFECTS)}"))
+        first = seen.setdefault((taint.key, taint.effect), i)
+        if first != i:
+            problems.append((where, f"duplicate key and effect of {path}.taints[{first}]"))
+    return problems
+
+
+def check_node(node: Node, path: str) -> list[Problem]:
+    """Every check of one node on its own."""
+    problems: list[Problem] = []
+    for check in _NODE_CHECKS:
+        problems += check(node, path)
+    return problems
+
+
+_NODE_CHECKS: tuple[Callable[[Node, str], list[Problem]], ...] = (
+    check_node_address,
+    check_node_hostname,
+    check_node_user,
+    check_node_host_key,
+    check_node_labels,
+    check_node_annotations,
+    check_node_taints,
+)
+
+
+def check_duplicates(nodes: list[Node]) -> list[Problem]:
+    """Addresses (compared as IPs) and node names must be unique."""
+    problems: list[Problem] = []
+    by_address: dict[object, int] = {}
+    by_name: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        ip = _ip(node.address)
+        address_key: object = ip if ip is not None else node.address
+        first = by_address.setdefault(address_key, i)
+        address_dup = first != i
+        if address_dup:
+            problems.append((f"nodes[{i}].address", f"duplicate of nodes[{first}]"))
+        first = by_name.setdefault(node.name, i)
+        if first != i and not (address_dup and not node.hostname):
+            field = "hostname" if node.hostname else "address"
+            problems.append((f"nodes[{i}].{field}", f"node name duplicate of nodes[{first}]"))
+    return problems
+
+
+def check_control_plane_present(nodes: list[Node]) -> list[Problem]:
+    if not any(n.control_plane for n in nodes):
+        return [("nodes", "at least one node must have control_plane: true")]
+    return []
+
+
+def check_service_subnet(cluster: Cluster) -> list[Problem]:
+    try:
+        ipaddress.ip_network(cluster.service_subnet, strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            return [("service_subnet", "has host bits set")]
+        return [("service_subnet", "must be a CIDR subnet such as 10.68.0.0/16")]
+    if "/" not in cluster.service_subnet:
+        return [("service_subnet", "must be a CIDR subnet such as 10.68.0.0/16")]
+    return []
+
+
+def check_dns_servers(cluster: Cluster) -> list[Problem]:
+    return [
+        (f"dns_servers[{i}]", "must be an IPv4 or IPv6 address")
+        for i, server in enumerate(cluster.dns_servers)
+        if _ip(server) is None
+    ]
+
+
+def absolute_path_problem(path: str) -> str | None:
+    """Why ``path`` is not a usable absolute path on a node, or None."""
+    if _CONTROL_RE.search(path):
+        return "must not contain control characters"
+    if not PurePosixPath(path).is_absolute():
+        return "must be an absolute path"
+    return None
+
+
+def check_service_params(params: ServiceParams, path: str) -> list[Problem]:
+    problems: list[Problem] = []
+    for i, arg in enumerate(params.extra_args):
+        if "\x00" in arg:
+            problems.append((f"{path}.extra_args[{i}]", "must not contain NUL characters"))
+    for name, value in params.extra_env.items():
+        where = f"{path}.extra_env[{_quote(name)}]"
+        if not _ENV_NAME_RE.fullmatch(name):
+            problems.append(
+                (where, "name must be letters, digits and '_', not starting with a digit")
+            )
+        if "\x00" in value:
+            problems.append((where, "value must not contain NUL characters"))
+    for i, mount in enumerate(params.extra_binds):
+        for field in ("source", "destination"):
+            problem = absolute_path_problem(getattr(mount, field))
+            if problem is not None:
+                problems.append((f"{path}.extra_binds[{i}].{field}", problem))
+    return problems
+
+
+def check_options(cluster: Cluster) -> list[Problem]:
+    problems: list[Problem] = []
+    for component in COMPONENTS:
+        params = cluster.options.for_component(component)
+        problems += check_service_params(params, f"options.{component}")
+    return problems
+
+
+def check_binaries(cluster: Cluster) -> list[Problem]:
+    problems: list[Problem] = []
+    for program in _BINARY_NAMES:
+        problem = absolute_path_problem(cluster.binaries.path_of(program))
+        if problem is not None:
+            problems.append((f"binaries.{program}", problem))
+    return problems
+
+
+def check_control_plane_count(cluster: Cluster, constraints: Constraints) -> list[Problem]:
+    """CKE: the number of control planes must equal ``control-plane-count``."""
+    count = len(cluster.control_planes)
+    if count != constraints.control_plane_count:
+        return [
+            (
+                "nodes",
+                f"{count} control plane(s), but constraint control-plane-count is "
+                f"{constraints.control_plane_count}",
+            )
+        ]
+    return []
+
+
+def cluster_problems(cluster: Cluster) -> list[Problem]:
+    """All problems that do not depend on the constraints, in document order."""
+    problems = check_name(cluster)
+    for i, node in enumerate(cluster.nodes):
+        problems += check_node(node, f"nodes[{i}]")
+    problems += check_duplicates(cluster.nodes)
+    problems += check_control_plane_present(cluster.nodes)
+    problems += check_service_subnet(cluster)
+    problems += check_dns_servers(cluster)
+    problems += check_binaries(cluster)
+    problems += check_options(cluster)
+    return problems
+
+
+def check_cluster(cluster: Cluster) -> None:
+    """Raise ClusterError with every constraint-independent problem."""
+    problems = cluster_problems(cluster)
+    if problems:
+        raise ClusterError.from_problems(problems)
+
+
+def validate_cluster(cluster: Cluster, constraints: Constraints) -> None:
+    """Every check, including the constraints; must pass before a cluster is stored."""
+    problems = cluster_problems(cluster)
+    if not any(path == "nodes" for path, _ in problems):
+        problems += check_control_plane_count(cluster, constraints)
+    if problems:
+        raise ClusterError.from_problems(problems)
+
+
+# ---------------------------------------------------------------------------
+# Parsing and serialising.
+# ---------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and aliases (no alias amplification)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.MarkedYAMLError(None, None, "YAML aliases (*name) are not supported", mark)
+        return super().compose_node(parent, index)
+
+    def construct_strict_mapping(self, node: yaml.MappingNode) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in result
+            except TypeError:
+                raise yaml.MarkedYAMLError(
+                    None, None, "mapping keys must be scalars", key_node.start_mark
+                ) from None
+            if duplicate:
+                raise yaml.MarkedYAMLError(None, None, "duplicate mapping key", key_node.start_mark)
+            result[key] = self.construct_object(value_node, deep=True)
+        return result
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_strict_mapping
+)
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        where = ""
+        if exc.problem_mark is not None:
+            where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
+        raise ClusterError(f"(yaml): {exc.problem or 'syntax error'}{where}") from None
+    except RecursionError:
+        raise ClusterError("(yaml): nested too deeply") from None
+    except Exception as exc:  # YAMLError, bad timestamps (ValueError), ...
+        raise ClusterError(f"(yaml): cannot parse ({type(exc).__name__})") from None
+
+
+def _cluster_from_data(data: Any) -> Cluster:
+    if not isinstance(data, dict):
+        raise ClusterError(f"(top): want a mapping of cluster fields, got {_kind(data)}")
+    try:
+        cluster = Cluster.model_validate(data)
+    except ValidationError as exc:
+        raise ClusterError(format_validation_error(exc)) from None
+    except RecursionError:
+        raise ClusterError("(top): nested too deeply") from None
+    check_cluster(cluster)
+    return cluster
+
+
+def _kind(data: Any) -> str:
+    if data is None:
+        return "an empty document"
+    if isinstance(data, list):
+        return "a list"
+    if isinstance(data, str):
+        return "a string"
+    return type(data).__name__
+
+
+def parse_cluster(text: str) -> Cluster:
+    """YAML (or JSON) text -> a Cluster that passes ``check_cluster``; else ClusterError."""
+    return _cluster_from_data(_load_yaml(text))
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Never writes anchors/aliases, which ``parse_cluster`` refuses."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def cluster_to_yaml(cluster: Cluster) -> str:
+    """The cluster as YAML, defaults left out; ``parse_cluster`` reads it back."""
+    data = cluster.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    text = _dump_yaml(data, allow_unicode=True)
+    # PyYAML writes some line-break characters (U+0085, ...) raw and reads them back folded;
+    # escaping all non-ASCII characters is always exact.
+    if yaml.load(text, Loader=_StrictLoader) != data:
+        text = _dump_yaml(data, allow_unicode=False)
+    return text
+
+
+def _dump_yaml(data: Any, *, allow_unicode: bool) -> str:
+    return yaml.dump(
+        data,
+        Dumper=_NoAliasDumper,
+        sort_keys=False,
+        allow_unicode=allow_unicode,
+        default_flow_style=False,
+    )
+
+
+def cluster_to_json(cluster: Cluster) -> str:
+    """The storage form: every field, defaults included."""
+    return cluster.model_dump_json(by_alias=True)
+
+
+def cluster_from_json(text: str) -> Cluster:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ClusterError("(json): not valid JSON") from None
+    return _cluster_from_data(data)
+
+
+def constraints_from_json(text: str | None) -> Constraints:
+    """Stored constraints; None (nothing stored) gives the defaults; missing keys default."""
+    if text is None:
+        return Constraints()
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ClusterError("(json): not valid JSON") from None
+    return _constraints_from_data(data)
+
+
+def _constraints_from_data(data: Any) -> Constraints:
+    if not isinstance(data, dict):
+        raise ClusterError(f"(top): want a mapping of constraints, got {_kind(data)}")
+    try:
+        return Constraints.model_validate(data, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        raise ClusterError(format_validation_error(exc)) from None
+
+
+def constraints_to_json(c: Constraints) -> str:
+    return c.model_dump_json(by_alias=True)
+
+
+_INT_RE = re.compile(r"-?[0-9]+")
+
+
+def set_constraint(c: Constraints, name: str, value: str) -> Constraints:
+    """A copy of ``c`` with one constraint (hyphenated name) set from a command-line string."""
+    if name not in CONSTRAINT_NAMES:
+        raise ClusterError(
+            f"{_quote(name)}: unknown constraint (want one of {', '.join(CONSTRAINT_NAMES)})"
+        )
+    text = value.strip()
+    if not _INT_RE.fullmatch(text) or len(text) > 18:
+        raise ClusterError(f"{name}: must be an integer")
+    data: Mapping[str, Any] = {**c.model_dump(by_alias=True), name: int(text)}
+    return _constraints_from_data(dict(data))

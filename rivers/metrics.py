@@ -1,0 +1,134 @@
+"""``/metrics`` and ``/health`` on ``--metrics``.
+
+The proxy keeps plain integer counters (a Prometheus ``Counter.inc`` per chunk would
+cost more than the forwarding itself); a custom collector turns them into metric
+families at scrape time. The HTTP side is a tiny asyncio handler rather than
+aiohttp: two fixed GET routes do not justify its import time and memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cke.common.logs import get_logger
+from rivers.proxy import HostPort, Proxy
+
+log = get_logger("rivers.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+class RiversCollector(Collector):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        proxy = self.proxy
+        accepted = CounterMetricFamily(
+            "rivers_connections_accepted",
+            "Connections proxied to each upstream.",
+            labels=["upstream"],
+        )
+        active = GaugeMetricFamily(
+            "rivers_connections_active", "Open proxied connections.", labels=["upstream"]
+        )
+        dial_errors = CounterMetricFamily(
+            "rivers_dial_errors", "Failed dials to each upstream.", labels=["upstream"]
+        )
+        healthy = GaugeMetricFamily(
+            "rivers_upstream_healthy", "1 if the upstream is healthy.", labels=["upstream"]
+        )
+        for upstream in proxy.upstreams:
+            accepted.add_metric([upstream.name], upstream.accepted)
+            active.add_metric([upstream.name], len(upstream.sessions))
+            dial_errors.add_metric([upstream.name], upstream.dial_errors)
+            healthy.add_metric([upstream.name], 1 if upstream.healthy else 0)
+        up, down = proxy.bytes_totals()
+        byte_counter = CounterMetricFamily(
+            "rivers_bytes",
+            "Bytes forwarded; upstream = client to upstream, downstream = back.",
+            labels=["direction"],
+        )
+        byte_counter.add_metric(["upstream"], up)
+        byte_counter.add_metric(["downstream"], down)
+        no_upstream = CounterMetricFamily(
+            "rivers_no_upstream", "Clients closed because no upstream was healthy."
+        )
+        no_upstream.add_metric([], proxy.no_upstream)
+        dialing = GaugeMetricFamily(
+            "rivers_connections_dialing", "Accepted clients waiting for an upstream dial."
+        )
+        dialing.add_metric([], len(proxy.dialing))
+        yield from (accepted, active, dial_errors, healthy, byte_counter, no_upstream, dialing)
+
+
+class MetricsServer:
+    def __init__(self, proxy: Proxy, address: HostPort) -> None:
+        self.proxy = proxy
+        self.address = address
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(RiversCollector(proxy))
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Bind (raises OSError if it cannot)."""
+        self._server = await asyncio.start_server(
+            self._handle, self.address.host, self.address.port, reuse_address=True
+        )
+
+    @property
+    def bound_port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def _health(self) -> tuple[int, bytes]:
+        states = {u.name: u.healthy for u in self.proxy.upstreams}
+        status = 200 if any(states.values()) else 503
+        return status, json.dumps({"healthy": status == 200, "upstreams": states}).encode()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            method = request_line[0] if request_line else ""
+            path = request_line[1].split("?", 1)[0] if len(request_line) >= 2 else ""
+            if not path:
+                status, ctype, body = 400, "text/plain", b"bad request\n"
+            elif method not in ("GET", "HEAD"):
+                status, ctype, body = 405, "text/plain", b"method not allowed\n"
+            elif path == "/metrics":
+                status, ctype, body = 200, CONTENT_TYPE, generate_latest(self.registry)
+            elif path == "/health":
+                status, body = self._health()
+                ctype = "application/json"
+            else:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            head_out = (
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            writer.write(head_out if method == "HEAD" else head_out + body)
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a scraper that went away or sent garbage; nothing to answer
+        finally:
+            writer.close()
