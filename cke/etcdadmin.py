@@ -133,8 +133,18 @@ class EtcdAdmin:
         resp = await c.cluster.member_add([peer_url], is_learner=learner, timeout=10)
         return int(resp.member.ID)
 
+    async def _leader(self, via: Iterable[str]) -> Etcd3Client:
+        """The client of the member that leads (according to the members asked)."""
+        answers = [a for a in await asyncio.gather(*(self._member_status(x) for x in via)) if a]
+        for address, member_id, leader_id, _ in answers:
+            if member_id == leader_id:
+                return await self.client(address)
+        raise EtcdError("no etcd leader among " + ",".join(sorted(set(via))))
+
     async def member_promote(self, via: Iterable[str], member_id: int) -> None:
-        c = await self._any(via)
+        # Sent to the leader itself: etcd 3.5 loses the caller's identity when a
+        # follower forwards a promotion with auth on ("auth: user name is empty").
+        c = await self._leader(list(via))
         assert c.cluster is not None
         await c.cluster.member_promote(member_id, timeout=10)
 

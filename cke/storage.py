@@ -89,6 +89,7 @@ class Status:
     last_operation: str = ""
     vault: str = ""
     etcd_members: list[str] = field(default_factory=list)  # voters' addresses, for rule 5
+    cluster_revision: int = 0  # mod revision of the cluster configuration decided on
 
     def to_json(self) -> str:
         return json.dumps(
@@ -100,6 +101,7 @@ class Status:
                 "last-operation": self.last_operation,
                 "vault": self.vault,
                 "etcd-members": self.etcd_members,
+                "cluster-revision": self.cluster_revision,
             }
         )
 
@@ -114,6 +116,7 @@ class Status:
             last_operation=doc.get("last-operation", ""),
             vault=doc.get("vault", ""),
             etcd_members=list(doc.get("etcd-members", [])),
+            cluster_revision=int(doc.get("cluster-revision", 0)),
         )
 
 

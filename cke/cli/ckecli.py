@@ -81,6 +81,16 @@ async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
     constraints = constraints_from_json(
         constraints_raw.value.decode() if constraints_raw.value else None
     )
+    new_constraints_json = None
+    if args.control_plane_count is not None:
+        # Scaling changes the cluster and this constraint together: one transaction.
+        try:
+            constraints = set_constraint(
+                constraints, "control-plane-count", str(args.control_plane_count)
+            )
+        except ClusterError as exc:
+            raise CLIError(f"--control-plane-count: {exc}") from exc
+        new_constraints_json = constraints_to_json(constraints)
     try:
         validate_cluster(cluster, constraints)
     except ClusterError as exc:
@@ -91,7 +101,7 @@ async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
         raise CLIError(f"{args.file}: refused by rule {refused.rule}: {refused.message}")
     old_yaml = cluster_to_yaml(cluster_from_json(current.value.decode())) if current.value else ""
     new_yaml = cluster_to_yaml(cluster)
-    if old_yaml == new_yaml:
+    if old_yaml == new_yaml and new_constraints_json is None:
         print("cluster unchanged")
         return
     diff = difflib.unified_diff(
@@ -103,7 +113,10 @@ async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
     sys.stdout.writelines(diff)
     try:
         await storage.put_cluster_and_constraints(
-            cluster_to_json(cluster), current.mod_revision, None, constraints_raw.mod_revision
+            cluster_to_json(cluster),
+            current.mod_revision,
+            new_constraints_json,
+            constraints_raw.mod_revision,
         )
     except Conflict as exc:
         raise CLIError(str(exc)) from exc
@@ -179,6 +192,7 @@ def _status_text(doc: dict[str, Any]) -> str:
         f"phase: {doc['phase'] or '(unknown)'}",
         f"updated: {doc['timestamp'] or '(never)'}",
         f"vault: {doc.get('vault') or '(unknown)'}",
+        f"etcd members: {', '.join(doc.get('etcd-members') or []) or '(none)'}",
     ]
     last = doc.get("last-record")
     if last:
@@ -208,6 +222,8 @@ async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
         "timestamp": status.timestamp if status else "",
         "blocked": status.blocked if status else [],
         "vault": status.vault if status else "",
+        "etcd-members": status.etcd_members if status else [],
+        "cluster-revision": status.cluster_revision if status else 0,
         "last-record": records[0].to_dict() if records else None,
     }
     _emit(doc, args.output, _status_text)
@@ -383,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser("cluster", help="the cluster configuration")
     csub = cluster.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
     p = csub.add_parser("set", help="validate and store a cluster YAML (- for stdin)")
+    p.add_argument(
+        "--control-plane-count",
+        type=int,
+        default=None,
+        help="store this control-plane-count constraint with the cluster, atomically",
+    )
     p.add_argument("file")
     p.set_defaults(func=cmd_cluster_set)
     p = csub.add_parser("get", help="print the stored cluster")

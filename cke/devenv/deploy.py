@@ -20,7 +20,9 @@ from cke.devenv.bed import TestBed
 from cke.devenv.binaries import find_binary
 from cke.devenv.nodes import Node as BedNode
 from cke.devenv.replicas import CkecliResult, CkeReplica, ckecli, write_cke_config
+from cke.common.etcd import make_client
 from cke.etcdadmin import endpoint
+from cke.storage import Storage
 
 
 class Deployment:
@@ -32,6 +34,7 @@ class Deployment:
         self.prefix = f"/cke-{uuid.uuid4().hex[:8]}/"
         self.dir = bed.base_dir / self.prefix.strip("/")
         self.config = write_cke_config(bed.etcd.settings(self.prefix), self.dir / "config.yml")
+        self.cluster_revision = 0  # of the last cluster this deployment stored
         self.replicas = [
             CkeReplica(f"cke{i}", self.config, self.dir, interval=interval, session_ttl=session_ttl)
             for i in range(replicas)
@@ -81,14 +84,16 @@ class Deployment:
     async def set_cluster(
         self, control_planes: Sequence[BedNode], workers: Sequence[BedNode] = ()
     ) -> CkecliResult:
-        count = str(len(control_planes))
-        await self.ckecli("constraints", "set", "control-plane-count", count)
+        """``ckecli cluster set`` with the matching control-plane-count, atomically."""
         text = self.cluster_yaml(control_planes, workers)
-        result = await self.ckecli("cluster", "set", "-", stdin=text.encode())
-        if result.returncode != 0 and "control-plane-count" in result.stderr:
-            # The constraint and the cluster must agree: set the cluster first next time.
-            result = await self.ckecli("cluster", "set", "-", stdin=text.encode())
-        return result
+        return await self.ckecli(
+            "cluster",
+            "set",
+            "--control-plane-count",
+            str(len(control_planes)),
+            "-",
+            stdin=text.encode(),
+        )
 
     async def status(self) -> dict[str, object]:
         result = await self.ckecli("status", "-o", "json")
@@ -107,8 +112,12 @@ class Deployment:
         while time.monotonic() < deadline:
             last = await self.status()
             members = last.get("etcd-members") or []
-            if last.get("phase") == phase and (
-                voters is None or (isinstance(members, list) and len(members) == voters)
+            decided_on = last.get("cluster-revision")
+            fresh = isinstance(decided_on, int) and decided_on >= self.cluster_revision
+            if (
+                fresh
+                and last.get("phase") == phase
+                and (voters is None or (isinstance(members, list) and len(members) == voters))
             ):
                 return last
             await asyncio.sleep(0.5)

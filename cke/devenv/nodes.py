@@ -217,9 +217,23 @@ class Node:
         await wait_for_tcp(self.address, self.port, 15, f"{self.name} sshd")
 
     async def stop_sshd(self) -> None:
-        """Stop the listening sshd; sessions and services on the node keep running."""
+        """Stop sshd and cut its open sessions; services on the node keep running.
+
+        Open connections are cut too, so that the node is unreachable over SSH as
+        after a network cut, not merely closed to new logins.
+        """
         if self._sshd is not None:
             await self._sshd.stop()
+        for pid in self.processes():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm == "sshd" or comm.startswith("sshd-"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     @property
     def sshd_running(self) -> bool:

@@ -327,9 +327,7 @@ class Runtime(ABC):
         paths = [f.path for f in files]
         if len(set(paths)) != len(paths):
             raise ValueError("a file path is given twice")
-        return _script(
-            _SH_LIB, "\n".join(_write_file_sh(f.path, f.mode, f.content) for f in files)
-        )
+        return _script(_SH_LIB, "\n".join(_write_file_sh(f.path, f.mode, f.content) for f in files))
 
     @abstractmethod
     def stop_script(self, name: str, timeout: float = 20.0) -> bytes:

@@ -211,11 +211,17 @@ class DestroyEtcdData(_Command):
 
 
 class WaitEtcdHealthy(_Command):
-    """Wait until every listed member answers and the cluster has one leader."""
+    """Wait until every listed member answers and the cluster has one leader.
 
-    def __init__(self, addresses: list[str], timeout: float = 90.0) -> None:
+    ``ask`` are further members to query: a learner cannot answer membership requests.
+    """
+
+    def __init__(
+        self, addresses: list[str], timeout: float = 90.0, ask: list[str] | None = None
+    ) -> None:
         super().__init__("wait-etcd-healthy", ",".join(addresses))
         self.addresses = addresses
+        self.ask = ask or []
         self.timeout = timeout
 
     async def run(self, ctx: OpContext) -> None:
@@ -223,7 +229,7 @@ class WaitEtcdHealthy(_Command):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         while True:
-            st = await t.admin.status(self.addresses)
+            st = await t.admin.status([*self.addresses, *self.ask])
             healthy = {m.address for m in st.members if m.healthy}
             if st.leader_id is not None and set(self.addresses) <= healthy:
                 return
@@ -407,7 +413,7 @@ class EtcdAddMemberOp(StepOperator):
             AddLearner(node, via, join),
             StartJoiningEtcd(node, cluster, join),
             # Until the learner answers, its node looks like one whose data was lost.
-            WaitEtcdHealthy([node.address]),
+            WaitEtcdHealthy([node.address], ask=via),
         ]
         super().__init__("etcd-add-member", [node.address], steps)
 
@@ -415,13 +421,10 @@ class EtcdAddMemberOp(StepOperator):
 class EtcdPromoteOp(StepOperator):
     """Promote a caught-up learner to a voting member."""
 
-    def __init__(self, member: EtcdMember, via: list[str] | None = None) -> None:
+    def __init__(self, member: EtcdMember, via: list[str]) -> None:
         self.member = member
-        super().__init__(
-            "etcd-promote-member",
-            [member.address],
-            [PromoteLearner(member, via or [member.address])],
-        )
+        # A learner cannot serve membership requests: ask the voters.
+        super().__init__("etcd-promote-member", [member.address], [PromoteLearner(member, via)])
 
 
 class EtcdRemoveMemberOp(StepOperator):
@@ -477,6 +480,6 @@ class EtcdRestartOp(StepOperator):
         steps += [
             WriteEtcdCerts(node, bundle),
             StartEtcd(node, cluster),  # the runtime restarts a service whose spec changed
-            WaitEtcdHealthy([node.address]),
+            WaitEtcdHealthy([node.address], ask=[leader.address] if leader else []),
         ]
         super().__init__("etcd-restart", [node.address], steps)

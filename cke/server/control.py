@@ -103,6 +103,7 @@ class Server:
         self.certs_gc_interval = certs_gc_interval
         self.infra = infra
         self._cluster: Cluster | None = None
+        self._cluster_revision = 0
         self.stop_requested = asyncio.Event()
         self._wake = asyncio.Event()
 
@@ -200,6 +201,7 @@ class Server:
 
     async def load_config(self) -> tuple[Cluster | None, Constraints, list[Blocked]]:
         cluster_raw = await self.storage.get_cluster()
+        self._cluster_revision = cluster_raw.mod_revision
         constraints_raw = await self.storage.get_constraints()
         try:
             constraints = constraints_from_json(
@@ -258,6 +260,7 @@ class Server:
                 last_operation=last_operation,
                 vault=self.vault.state if self.vault else "",
                 etcd_members=etcd_members,
+                cluster_revision=self._cluster_revision,
             ),
         )
         self.metrics.set_phase(decision.phase.value)

@@ -272,8 +272,14 @@ class _Etcd:
             if self.blocks.first_failure(checks) is None:
                 node = self.nodes.get(m.address)
                 node = node if node is not None and self.reachable(m.address) else None
-                return EtcdRemoveMemberOp(m, node, self.move_leader_to(m))
+                return EtcdRemoveMemberOp(
+                    m, node, self.move_leader_to(m), via=self.voters_except(m)
+                )
         return None
+
+    def voters_except(self, member: EtcdMember) -> list[str]:
+        """Healthy voters other than ``member``: where membership requests go."""
+        return sorted(v.address for v in self.etcd.voters if v.healthy and v.id != member.id)
 
     def promote_learner(self) -> Operator | None:
         """(b) Promote a desired learner once it has caught up (rule 6)."""
@@ -287,7 +293,7 @@ class _Etcd:
                 partial(learner_caught_up, self.status, m),
             ]
             if self.blocks.first_failure(checks) is None:
-                return EtcdPromoteOp(m)
+                return EtcdPromoteOp(m, via=self.voters_except(m))
         return None
 
     def add_member(self) -> Operator | None:
@@ -321,7 +327,9 @@ class _Etcd:
                 partial(leader_moved_first, self.status, m),
             ]
             if self.blocks.first_failure(checks) is None:
-                return EtcdRemoveMemberOp(m, node, self.move_leader_to(m))
+                return EtcdRemoveMemberOp(
+                    m, node, self.move_leader_to(m), via=self.voters_except(m)
+                )
         return None
 
     def destroy_data(self) -> Operator | None:
@@ -361,7 +369,10 @@ class _Etcd:
                 partial(leader_moved_first, self.status, m),
             ]
             if self.blocks.first_failure(checks) is None:
-                return EtcdRestartOp(node, self.cluster, self.move_leader_to(m))
+                target = self.move_leader_to(m)
+                return EtcdRestartOp(
+                    node, self.cluster, target, leader=m if target is not None else None
+                )
         return None
 
     def _has_etcd(self, address: str) -> bool:

@@ -1,0 +1,266 @@
+"""The managed etcd on real sshd nodes: bootstrap, self-healing, membership changes, refusals.
+
+One bed (5 nodes, OpenBao, cke's own etcd) and one deployment for the module; the
+tests run in order and each leaves the cluster healthy for the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+
+from cke.devenv import BedConfig, TestBed
+from cke.devenv.deploy import Deployment
+from cke.etcdadmin import endpoint
+
+CANARY = "/canary/"
+CANARIES = 1000
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+async def bed() -> AsyncIterator[TestBed]:
+    testbed = TestBed(BedConfig(etcd_members=1, nodes=5))
+    await testbed.start()
+    try:
+        yield testbed
+    finally:
+        await testbed.stop()
+
+
+@pytest.fixture(scope="module")
+async def deployment(bed: TestBed) -> AsyncIterator[Deployment]:
+    d = Deployment(bed, replicas=1)
+    await d.setup()
+    try:
+        yield d
+    finally:
+        await d.stop()
+
+
+async def _members(d: Deployment, addresses: list[str]) -> list[tuple[str, bool]]:
+    client = await d.root_client(addresses)
+    try:
+        assert client.cluster is not None
+        resp = await client.cluster.member_list(timeout=5)
+        return sorted((m.peerURLs[0], bool(m.isLearner)) for m in resp.members)
+    finally:
+        await client.close()
+
+
+async def _count_canaries(d: Deployment, addresses: list[str]) -> int:
+    client = await d.root_client(addresses)
+    try:
+        assert client.kv is not None
+        resp = await client.kv.get(
+            CANARY, range_end=prefix_range_end(CANARY.encode()), count_only=True, timeout=10
+        )
+        return int(resp.count)
+    finally:
+        await client.close()
+
+
+async def _history(d: Deployment) -> list[dict[str, object]]:
+    result = await d.ckecli("history", "-o", "json")
+    records = json.loads(result.stdout)
+    assert isinstance(records, list)
+    return records
+
+
+async def test_bootstrap_three_control_planes(bed: TestBed, deployment: Deployment) -> None:
+    cps = bed.nodes[:3]
+    result = await deployment.set_cluster(cps, bed.nodes[3:])
+    assert result.returncode == 0, result.stderr
+    await deployment.wait_for("completed", timeout=120, voters=3)
+    addresses = [n.address for n in cps]
+    members = await _members(deployment, addresses)
+    assert members == sorted((f"https://{a}:2380", False) for a in addresses)
+    # A client without a certificate is refused.
+    ca = (await deployment.ckecli("ca", "get", "server")).stdout.encode()
+    anonymous = Etcd3Client([endpoint(addresses[0])], ca_cert=ca, rpc_max_attempts=1)
+    await anonymous.connect()
+    try:
+        with pytest.raises((EtcdError, TimeoutError)):
+            assert anonymous.kv is not None
+            await anonymous.kv.get("/registry/x", timeout=3)
+    finally:
+        await anonymous.close()
+    ops = [r["operation"] for r in await _history(deployment)]
+    assert "etcd-bootstrap" in ops
+
+
+async def test_killed_etcd_is_restarted_and_keys_survive(
+    bed: TestBed, deployment: Deployment
+) -> None:
+    addresses = [n.address for n in bed.nodes[:3]]
+    client = await deployment.root_client(addresses)
+    try:
+        assert client.kv is not None
+        for i in range(CANARIES):
+            await client.kv.put(f"{CANARY}{i:04d}", f"value-{i}", timeout=10)
+    finally:
+        await client.close()
+    victim = bed.nodes[1]
+    before = await _last_id(deployment)
+    killed = await bed.run(victim, "kill -9 $(head -1 /var/lib/cke/run/etcd.pid) && echo killed")
+    assert killed.stdout == b"killed\n", killed.stderr
+    await _wait_operation(deployment, "etcd-start", victim.address, before)
+    await deployment.wait_for("completed", timeout=60, voters=3)
+    alive = await bed.run(victim, "kill -0 $(head -1 /var/lib/cke/run/etcd.pid) && echo alive")
+    assert alive.stdout == b"alive\n"
+    assert await _count_canaries(deployment, addresses) == CANARIES
+
+
+async def _wait_operation(
+    d: Deployment, operation: str, target: str, first: int, timeout: float = 60
+) -> None:
+    """Wait for a completed record of ``operation`` on ``target`` after record ``first``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        for r in _ops_since(await _history(d), first):
+            if r["operation"] == operation and target in r["targets"]:  # type: ignore[operator]
+                if r["status"] == "completed" and not r["error"]:
+                    return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"no {operation} on {target} within {timeout}s")
+
+
+def _ops_since(records: list[dict[str, object]], first_id: int) -> list[dict[str, object]]:
+    return sorted(
+        (r for r in records if int(str(r["id"])) > first_id), key=lambda r: int(str(r["id"]))
+    )
+
+
+async def _last_id(d: Deployment) -> int:
+    records = await _history(d)
+    return max((int(str(r["id"])) for r in records), default=0)
+
+
+async def test_scale_three_five_three_one_member_at_a_time(
+    bed: TestBed, deployment: Deployment
+) -> None:
+    start = await _last_id(deployment)
+    five = bed.nodes[:5]
+    result = await deployment.set_cluster(five)
+    assert result.returncode == 0, result.stderr
+    await deployment.wait_for("completed", timeout=180, voters=5)
+    addresses = [n.address for n in five]
+    assert [learner for _, learner in await _members(deployment, addresses)] == [False] * 5
+    assert await _count_canaries(deployment, addresses) == CANARIES
+    grown = _ops_since(await _history(deployment), start)
+    membership = [
+        r
+        for r in grown
+        if r["operation"] in ("etcd-add-member", "etcd-promote-member") and not r["error"]
+    ]
+    assert [r["operation"] for r in membership] == [
+        "etcd-add-member",
+        "etcd-promote-member",
+        "etcd-add-member",
+        "etcd-promote-member",
+    ], [(r["operation"], r["targets"], r["error"]) for r in grown]
+    assert all(len(r["targets"]) == 1 for r in membership)  # type: ignore[arg-type]
+
+    start = await _last_id(deployment)
+    three = bed.nodes[:3]
+    result = await deployment.set_cluster(three, bed.nodes[3:])
+    assert result.returncode == 0, result.stderr
+    await deployment.wait_for("completed", timeout=120, voters=3)
+    kept = [n.address for n in three]
+    assert await _count_canaries(deployment, kept) == CANARIES
+    shrunk = _ops_since(await _history(deployment), start)
+    removals = [r for r in shrunk if r["operation"] == "etcd-remove-member"]
+    assert len(removals) == 2 and all(len(r["targets"]) == 1 for r in removals)  # type: ignore[arg-type]
+    for node in bed.nodes[3:]:
+        gone = await bed.run(node, "test -e /var/lib/cke/etcd/member; echo $?")
+        assert gone.stdout == b"1\n", f"{node.name} still has etcd data"
+
+
+async def test_replacing_two_of_three_at_once_is_refused(
+    bed: TestBed, deployment: Deployment
+) -> None:
+    before = await deployment.ckecli("cluster", "get", "-o", "json")
+    text = deployment.cluster_yaml(
+        [bed.nodes[0], bed.nodes[3], bed.nodes[4]], [bed.nodes[1], bed.nodes[2]]
+    )
+    refused = await deployment.ckecli("cluster", "set", "-", stdin=text.encode())
+    assert refused.returncode == 1
+    assert "keep-etcd-majority" in refused.stderr
+    assert "one control plane at a time" in refused.stderr
+    after = await deployment.ckecli("cluster", "get", "-o", "json")
+    assert after.stdout == before.stdout
+
+
+async def test_no_membership_change_while_a_control_plane_is_unreachable(
+    bed: TestBed, deployment: Deployment
+) -> None:
+    cut_off = bed.nodes[2]
+    await cut_off.stop_sshd()
+    try:
+        start = await _last_id(deployment)
+        result = await deployment.set_cluster(bed.nodes[:4], bed.nodes[4:])
+        assert result.returncode == 0, result.stderr
+        # Other work goes on: a killed etcd elsewhere is restarted.
+        await bed.run(bed.nodes[0], "kill -9 $(head -1 /var/lib/cke/run/etcd.pid)")
+        deadline = asyncio.get_running_loop().time() + 60
+        blocked: list[dict[str, object]] = []
+        while asyncio.get_running_loop().time() < deadline:
+            st = await deployment.status()
+            blocked = st.get("blocked") or []  # type: ignore[assignment]
+            restarted = any(
+                r["operation"] == "etcd-start"
+                for r in _ops_since(await _history(deployment), start)
+            )
+            if restarted and any(b["rule"] == "all-control-planes-reachable" for b in blocked):
+                break
+            await asyncio.sleep(0.5)
+        rules = {str(b["rule"]): b for b in blocked}
+        assert "all-control-planes-reachable" in rules, blocked
+        assert cut_off.address in rules["all-control-planes-reachable"]["nodes"]  # type: ignore[operator]
+        ops = [r["operation"] for r in _ops_since(await _history(deployment), start)]
+        assert "etcd-start" in ops
+        assert "etcd-add-member" not in ops
+        text = (await deployment.ckecli("status")).stdout
+        assert "all-control-planes-reachable" in text and cut_off.address in text
+    finally:
+        await cut_off.start_sshd()
+    await deployment.wait_for("completed", timeout=120, voters=4)
+    result = await deployment.set_cluster(bed.nodes[:3], bed.nodes[3:])
+    assert result.returncode == 0, result.stderr
+    await deployment.wait_for("completed", timeout=120, voters=3)
+
+
+async def test_wiped_data_dir_is_repaired(bed: TestBed, deployment: Deployment) -> None:
+    victim = bed.nodes[2]
+    wiped = await bed.run(
+        victim, "kill -9 $(head -1 /var/lib/cke/run/etcd.pid); rm -rf /var/lib/cke/etcd; echo ok"
+    )
+    assert wiped.stdout == b"ok\n"
+    await asyncio.sleep(2)
+    await deployment.wait_for("completed", timeout=120, voters=3)
+    addresses = [n.address for n in bed.nodes[:3]]
+    assert await _count_canaries(deployment, addresses) == CANARIES
+    back = await bed.run(victim, "test -d /var/lib/cke/etcd/member && echo back")
+    assert back.stdout == b"back\n"
+
+
+async def test_crashed_control_plane_is_replaced(bed: TestBed, deployment: Deployment) -> None:
+    dead = bed.nodes[1]
+    await dead.crash()
+    try:
+        spare = bed.nodes[3]
+        cps = [bed.nodes[0], bed.nodes[2], spare]
+        result = await deployment.set_cluster(cps, [dead, bed.nodes[4]])
+        assert result.returncode == 0, result.stderr
+        await deployment.wait_for("completed", timeout=180, voters=3)
+        addresses = [n.address for n in cps]
+        members = await _members(deployment, addresses)
+        assert [url for url, _ in members] == sorted(f"https://{a}:2380" for a in addresses)
+        assert await _count_canaries(deployment, addresses) == CANARIES
+    finally:
+        await dead.start()
