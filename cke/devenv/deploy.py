@@ -20,9 +20,7 @@ from cke.devenv.bed import TestBed
 from cke.devenv.binaries import find_binary
 from cke.devenv.nodes import Node as BedNode
 from cke.devenv.replicas import CkecliResult, CkeReplica, ckecli, write_cke_config
-from cke.common.etcd import make_client
 from cke.etcdadmin import endpoint
-from cke.storage import Storage
 
 
 class Deployment:

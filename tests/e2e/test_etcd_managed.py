@@ -123,9 +123,9 @@ async def _wait_operation(
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         for r in _ops_since(await _history(d), first):
-            if r["operation"] == operation and target in r["targets"]:  # type: ignore[operator]
-                if r["status"] == "completed" and not r["error"]:
-                    return
+            mine = r["operation"] == operation and target in r["targets"]  # type: ignore[operator]
+            if mine and r["status"] == "completed" and not r["error"]:
+                return
         await asyncio.sleep(0.5)
     raise AssertionError(f"no {operation} on {target} within {timeout}s")
 
