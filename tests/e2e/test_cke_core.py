@@ -18,14 +18,15 @@ from cke.devenv.replicas import CkeReplica, ckecli, write_cke_config
 from cke.records import Record
 from cke.storage import KEY_RECORDS, KEY_RECORDS_PREFIX, KEY_STATUS, record_key_suffix
 
+# Loopback addresses that nobody serves: no traffic ever leaves this machine.
 GOOD_CLUSTER = """
 name: test
 nodes:
-  - address: 10.0.0.1
+  - address: 127.254.0.1
     hostname: cp1
     user: root
     control_plane: true
-  - address: 10.0.0.2
+  - address: 127.254.0.2
     hostname: w1
     user: root
 service_subnet: 10.68.0.0/16
@@ -173,8 +174,8 @@ async def test_paused_leader_writes_nothing_after_losing_its_lease(etcd3: TestBe
 async def test_unfinished_record_is_cancelled_by_the_next_leader(etcd3: TestBed) -> None:
     async with Deployment(etcd3) as d:
         assert d.client.kv is not None
-        stale = Record("etcd-add-member", ["10.0.0.3"], id=7, status="running")
-        stale.start_command("add-member", "10.0.0.3", "")
+        stale = Record("etcd-add-member", ["127.254.0.3"], id=7, status="running")
+        stale.start_command("add-member", "127.254.0.3", "")
         await d.client.kv.put(d.prefix + KEY_RECORDS, "8")
         await d.client.kv.put(d.prefix + KEY_RECORDS_PREFIX + record_key_suffix(7), stale.to_json())
         await d.start()
@@ -198,10 +199,12 @@ async def test_everything_works_with_one_etcd_member_down(etcd3: TestBed) -> Non
             path.write_text(GOOD_CLUSTER)
             stored = await ckecli(d.config, "cluster", "set", str(path))
             assert stored.returncode == 0, stored.stderr
-            st = await d.wait_status("completed", timeout=15)
+            # No Vault is configured here: the leader says it waits for it, and why.
+            st = await d.wait_status("etcd-wait", timeout=15)
             assert st["leader"] in {r.name for r in d.replicas}
+            assert [b["rule"] for b in st["blocked"]] == ["vault-available"]  # type: ignore[index]
             got = await ckecli(d.config, "cluster", "get", "-o", "json")
-            assert json.loads(got.stdout)["nodes"][0]["address"] == "10.0.0.1"
+            assert json.loads(got.stdout)["nodes"][0]["address"] == "127.254.0.1"
         finally:
             await etcd3.etcd.start_member("etcd2")
 
@@ -221,7 +224,7 @@ async def test_ckecli_cluster_set_refuses_a_bad_file_and_changes_nothing(
         assert (await ckecli(d.config, "cluster", "set", str(good))).returncode == 0
         before = await _snapshot(d.client, d.prefix)
         bad = tmp_path / "bad.yml"
-        bad.write_text(GOOD_CLUSTER.replace("10.0.0.2", "10.0.0.1"))
+        bad.write_text(GOOD_CLUSTER.replace("127.254.0.2", "127.254.0.1"))
         result = await ckecli(d.config, "cluster", "set", str(bad))
         assert result.returncode == 1
         assert "nodes[1].address" in result.stderr
@@ -234,11 +237,11 @@ async def test_ckecli_cluster_and_constraints_round_trip(etcd3: TestBed, tmp_pat
         path = tmp_path / "c.yml"
         path.write_text(GOOD_CLUSTER)
         first = await ckecli(d.config, "cluster", "set", str(path))
-        assert first.returncode == 0 and "+- address: 10.0.0.1" in first.stdout
+        assert first.returncode == 0 and "+- address: 127.254.0.1" in first.stdout
         again = await ckecli(d.config, "cluster", "set", str(path))
         assert again.stdout.strip() == "cluster unchanged"
         yaml_out = await ckecli(d.config, "cluster", "get")
-        assert "10.0.0.2" in yaml_out.stdout
+        assert "127.254.0.2" in yaml_out.stdout
         # Two control planes would contradict control-plane-count 1 ...
         two = await ckecli(d.config, "constraints", "set", "control-plane-count", "2")
         assert two.returncode == 1 and "control-plane-count" in two.stderr

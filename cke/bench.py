@@ -1,0 +1,134 @@
+"""``make bench-cke``: how fast cke bootstraps and repairs the managed etcd on the test bed.
+
+Each round starts a fresh bed (5 sshd nodes, OpenBao, cke's own etcd), sets Vault up
+and runs one cke replica with ``--interval 5s``. It measures
+
+- bootstrap: from ``ckecli cluster set`` (3 control planes) to a healthy 3-member etcd;
+- repair: from ``kill -9`` of one member's etcd to a healthy cluster again;
+
+and, as the reference measured in the same run, how long the same etcd binary takes
+to form a 3-member TLS cluster and to restart one member when started directly
+(the bed's own etcd). Prints the medians and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+
+from cke.common.etcd import make_client
+from cke.devenv import BedConfig, TestBed
+from cke.devenv.deploy import Deployment
+from cke.storage import Status, Storage
+
+BOOTSTRAP_GOAL = 30.0
+REPAIR_GOAL = 15.0
+
+
+async def _wait_healthy_status(
+    storage: Storage, voters: int, after: float, timeout: float = 180.0
+) -> float:
+    """Seconds until the leader reports ``completed`` with ``voters`` members, decided after
+    ``after`` (a time.time()); polled every 50 ms straight from etcd."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = await storage.get("status")
+        if got.value is not None:
+            st = Status.from_json(got.value)
+            stamp = time.mktime(time.strptime(st.timestamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+            if st.phase == "completed" and len(st.etcd_members) == voters and stamp >= after:
+                return time.time()
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"no healthy {voters}-member etcd within {timeout}s")
+
+
+async def _round() -> tuple[float, float, float, float]:
+    bed = TestBed(BedConfig(etcd_members=1, nodes=5))
+    await bed.start()
+    deployment = Deployment(bed, replicas=1, interval="5s", session_ttl="10s")
+    client = make_client(bed.etcd.settings(deployment.prefix))
+    try:
+        await deployment.setup()
+        await client.connect()
+        storage = Storage(client, deployment.prefix)
+        cps = bed.nodes[:3]
+        started = time.time()
+        result = await deployment.set_cluster(cps, bed.nodes[3:])
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr)
+        # Status timestamps have one-second resolution: require a status of the next second.
+        done = await _wait_healthy_status(storage, 3, int(started) + 1)
+        bootstrap = done - started
+        await asyncio.sleep(2)
+        killed = time.time()
+        await bed.run(cps[1], "kill -9 $(head -1 /var/lib/cke/run/etcd.pid)")
+        # Wait for a status decided after the kill that shows the cluster whole again.
+        while True:
+            done = await _wait_healthy_status(storage, 3, int(killed) + 1)
+            alive = await bed.run(cps[1], "kill -0 $(head -1 /var/lib/cke/run/etcd.pid) && echo y")
+            if alive.stdout == b"y\n":
+                break
+        repair = done - killed
+    finally:
+        await client.close()
+        await deployment.stop()
+        await bed.stop()
+
+    reference = TestBed(BedConfig(etcd_members=3, nodes=0, vault=False))
+    t0 = time.time()
+    await reference.start()
+    ref_boot = time.time() - t0
+    try:
+        await reference.etcd.stop_member("etcd1", kill=True)
+        t0 = time.time()
+        await reference.etcd.start_member("etcd1")
+        ref_repair = time.time() - t0
+    finally:
+        await reference.stop()
+    return bootstrap, repair, ref_boot, ref_repair
+
+
+async def _bench(rounds: int) -> int:
+    results = []
+    for i in range(rounds):
+        r = await _round()
+        print(
+            f"round {i + 1}: bootstrap {r[0]:.1f} s, repair {r[1]:.1f} s "
+            f"(direct etcd: start {r[2]:.1f} s, restart {r[3]:.1f} s)",
+            flush=True,
+        )
+        results.append(r)
+    boot = statistics.median(r[0] for r in results)
+    repair = statistics.median(r[1] for r in results)
+    ref_boot = statistics.median(r[2] for r in results)
+    ref_repair = statistics.median(r[3] for r in results)
+    print(f"bootstrap: {boot:.1f} s")
+    print(f"repair: {repair:.1f} s")
+    print(
+        f"reference, 3-member etcd started directly: {ref_boot:.1f} s "
+        f"(bootstrap/reference = {boot / ref_boot:.1f}x)"
+    )
+    print(
+        f"reference, one member restarted directly: {ref_repair:.1f} s "
+        f"(repair/reference = {repair / ref_repair:.1f}x)"
+    )
+    ok = boot < BOOTSTRAP_GOAL and repair < REPAIR_GOAL
+    print(
+        f"goals: bootstrap < {BOOTSTRAP_GOAL:.0f} s, repair < {REPAIR_GOAL:.0f} s: "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cke.bench", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    return asyncio.run(_bench(args.rounds))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
