@@ -34,6 +34,7 @@ from cke.cluster import (
 )
 from cke.common.durations import parse_duration
 from cke.common.etcd import ConfigError, load_etcd_settings, make_client
+from cke.etcdadmin import EtcdAdmin, EtcdCredentials
 from cke.pki import CA_BY_NAME, SECRETS_MOUNT, CertIssuer, IssuedCert
 from cke.records import Record
 from cke.server.safety import check_control_plane_change
@@ -373,6 +374,42 @@ async def cmd_etcd_root_issue(storage: Storage, args: argparse.Namespace) -> Non
     await _issue_etcd(storage, "root", None, args.output)
 
 
+async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
+    if args.user == "root" or args.user.startswith("system:") or not args.user:
+        raise CLIError("USER: root and system: names are reserved")
+    if not args.prefix.startswith("/"):
+        raise CLIError("PREFIX: must start with /")
+    current = await storage.get_cluster()
+    if current.value is None:
+        raise CLIError("no cluster configuration is stored yet")
+    addresses = [n.address for n in cluster_from_json(current.value.decode()).control_planes]
+    server_ca = await storage.get_ca("server")
+    if server_ca is None:
+        raise CLIError("no CA certificate ca/server; run 'ckecli vault init'")
+    vault = await _vault_from_etcd(storage)
+    try:
+        root = await CertIssuer(vault).etcd_client("root")
+    except VaultError as exc:
+        raise CLIError(f"issue: {exc}") from exc
+    finally:
+        vault.close()
+    creds = EtcdCredentials(
+        server_ca.encode(), root.certificate.encode(), root.private_key.encode()
+    )
+
+    async def credentials() -> EtcdCredentials:
+        return creds
+
+    admin = EtcdAdmin(credentials)
+    try:
+        await admin.user_add(addresses, args.user, args.prefix)
+    except EtcdError as exc:
+        raise CLIError(f"etcd: {str(exc).splitlines()[0]}") from exc
+    finally:
+        await admin.close()
+    print(f"user {args.user} may read and write keys under {args.prefix}")
+
+
 async def cmd_etcd_issue(storage: Storage, args: argparse.Namespace) -> None:
     if args.user == "root" or args.user.startswith("system:") or not args.user:
         raise CLIError("USER: use root-issue for root; system: names are reserved")
@@ -450,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = esub.add_parser("root-issue", help="a client certificate for root, valid 2h")
     p.add_argument("--output", "-output", choices=("json", "file"), default="json")
     p.set_defaults(func=cmd_etcd_root_issue)
+    p = esub.add_parser("user-add", help="an etcd user (and role) limited to PREFIX")
+    p.add_argument("user")
+    p.add_argument("prefix")
+    p.set_defaults(func=cmd_etcd_user_add)
     p = esub.add_parser("issue", help="a client certificate for USER")
     p.add_argument("--ttl", "-ttl", default="87600h")
     p.add_argument("--output", "-output", choices=("json", "file"), default="json")

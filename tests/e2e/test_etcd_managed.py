@@ -95,6 +95,33 @@ async def test_bootstrap_three_control_planes(bed: TestBed, deployment: Deployme
     assert "etcd-bootstrap" in ops
 
 
+async def test_user_add_limits_a_user_to_its_prefix(bed: TestBed, deployment: Deployment) -> None:
+    added = await deployment.ckecli("etcd", "user-add", "app", "/app/")
+    assert added.returncode == 0, added.stderr
+    issued = await deployment.ckecli("etcd", "issue", "--ttl", "1h", "app")
+    assert issued.returncode == 0, issued.stderr
+    cert = json.loads(issued.stdout)
+    ca = (await deployment.ckecli("ca", "get", "server")).stdout.encode()
+    app = Etcd3Client(
+        [endpoint(bed.nodes[0].address)],
+        ca_cert=ca,
+        cert_key=cert["private_key"].encode(),
+        cert_chain=cert["certificate"].encode(),
+        rpc_max_attempts=1,
+    )
+    await app.connect()
+    try:
+        assert app.kv is not None
+        await app.kv.put("/app/config", "v", timeout=5)
+        assert (await app.kv.get("/app/config", timeout=5)).kvs[0].value == b"v"
+        with pytest.raises(EtcdError):
+            await app.kv.put("/registry/pods/x", "v", timeout=5)
+    finally:
+        await app.close()
+    refused = await deployment.ckecli("etcd", "user-add", "root", "/")
+    assert refused.returncode == 1 and "USER" in refused.stderr
+
+
 async def test_killed_etcd_is_restarted_and_keys_survive(
     bed: TestBed, deployment: Deployment
 ) -> None:
