@@ -36,6 +36,7 @@ from cke.server.executor import run_operation
 from cke.server.infra import Infrastructure
 from cke.server.metrics import ServerMetrics
 from cke.server.phases import Phase
+from cke.server.safety import RULE_HOST_KEY_VERIFIED, host_key_verified
 from cke.server.strategy import Blocked, Decision, decide
 from cke.storage import (
     KEY_CLUSTER,
@@ -57,6 +58,16 @@ T = TypeVar("T")
 RETRY_SOON_PHASES = frozenset(
     {Phase.ETCD_WAIT, Phase.ETCD_BOOT_ABORTED, Phase.ETCD_MAINTAIN_ABORTED}
 )
+
+
+def report_host_key_mismatches(decision: Decision, status: ClusterStatus) -> Decision:
+    """Every node with a changed host key is reported, whether or not a step needed it."""
+    if any(b.rule == RULE_HOST_KEY_VERIFIED for b in decision.blocked):
+        return decision
+    blocked = host_key_verified(status, status.nodes)
+    if blocked is None:
+        return decision
+    return Decision(decision.operators, decision.phase, [*decision.blocked, blocked])
 
 
 class Stopped(Exception):
@@ -242,6 +253,7 @@ class Server:
         else:
             status = await self.collect_status(cluster)
             decision = decide(cluster, constraints, status)
+            decision = report_host_key_mismatches(decision, status)
             if status.etcd.reachable:
                 etcd_members = sorted(m.address for m in status.etcd.voters)
         previous = await self.storage.get_status()

@@ -105,7 +105,8 @@ def host_key_verified(status: ClusterStatus, addresses: Iterable[str]) -> Blocke
     return Blocked(
         RULE_HOST_KEY_VERIFIED,
         f"node(s) {_names(bad)} presented an unexpected SSH host key; cke sends them nothing. "
-        "Verify the machine and fix host_key in the cluster configuration.",
+        "Verify the machine; then fix host_key in the cluster configuration, or delete "
+        "the key pinned at first contact (hostkeys/<address> under cke's prefix).",
         tuple(bad),
     )
 

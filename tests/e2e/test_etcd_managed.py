@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
@@ -285,10 +286,19 @@ async def test_crashed_control_plane_is_replaced(bed: TestBed, deployment: Deplo
         cps = [bed.nodes[0], bed.nodes[2], spare]
         result = await deployment.set_cluster(cps, [dead, bed.nodes[4]])
         assert result.returncode == 0, result.stderr
-        await deployment.wait_for("completed", timeout=180, voters=3)
         addresses = [n.address for n in cps]
-        members = await _members(deployment, addresses)
-        assert [url for url, _ in members] == sorted(f"https://{a}:2380" for a in addresses)
+        wanted = sorted((f"https://{a}:2380", False) for a in addresses)
+        # The replacement may add the spare before removing the dead member: wait for
+        # the end state itself (bounded), then for the leader to call it done.
+        deadline = asyncio.get_running_loop().time() + 180
+        members: list[tuple[str, bool]] = []
+        while asyncio.get_running_loop().time() < deadline:
+            members = await _members(deployment, addresses)
+            if members == wanted:
+                break
+            await asyncio.sleep(1)
+        assert members == wanted, await deployment.ckecli("history", "-n", "8")
+        await deployment.wait_for("completed", timeout=60, voters=3)
         assert await _count_canaries(deployment, addresses) == CANARIES
     finally:
         await dead.start()
@@ -337,3 +347,29 @@ async def test_leader_killed_while_adding_a_member(bed: TestBed, deployment: Dep
     members = await _members(deployment, addresses)
     assert members == sorted((f"https://{a}:2380", False) for a in addresses)
     assert await _count_canaries(deployment, addresses) == CANARIES
+
+
+async def test_changed_host_key_is_reported_and_nothing_is_sent(
+    bed: TestBed, deployment: Deployment
+) -> None:
+    node = bed.nodes[1]  # a worker now
+    await node.stop_sshd()
+    node.host_key_path.unlink()
+    Path(f"{node.host_key_path}.pub").unlink()
+    await node.start()  # a new host key, as after a reinstall or an impostor
+    deadline = asyncio.get_running_loop().time() + 60
+    blocked: list[dict[str, object]] = []
+    while asyncio.get_running_loop().time() < deadline:
+        blocked = (await deployment.status()).get("blocked") or []  # type: ignore[assignment]
+        if any(b["rule"] == "host-key-verified" for b in blocked):
+            break
+        await asyncio.sleep(0.5)
+    rule = next(b for b in blocked if b["rule"] == "host-key-verified")
+    assert rule["nodes"] == [node.address]
+    text = (await deployment.ckecli("status")).stdout
+    assert "host-key-verified" in text and node.address in text
+    # cke never logged in again: its sshd saw no accepted key since the restart.
+    sshd_log = (node.log_dir / "sshd.log").read_text()
+    after_restart = sshd_log.rsplit("Server listening", 1)[-1]
+    assert "Accepted publickey" not in after_restart
+    assert "Accepted publickey" in sshd_log  # cke did log in before the key changed

@@ -84,6 +84,8 @@ BAD_FLAGS: list[tuple[list[str], str]] = [
         ["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--event-loop", "trio"],
         "--event-loop",
     ),
+    (["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--workers", "0"], "--workers"),
+    (["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--workers", "many"], "--workers"),
     (["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--no-such-flag"], "--no-such-flag"),
 ]
 
@@ -99,12 +101,14 @@ async def test_every_bad_flag_exits_2_naming_it() -> None:
 
 
 @pytest.mark.parametrize("flag", ["--listen", "--metrics"])
-async def test_port_in_use_exits_2(flag: str) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_port_in_use_exits_2(flag: str, workers: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
         args = ["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--metrics", "127.0.0.1:0"]
+        args += ["--workers", workers]
         args[args.index(flag) + 1] = busy
         code, err = await run_rivers(*args)
     lines = err.strip().splitlines()

@@ -34,6 +34,11 @@ def free_port() -> int:
 
 
 def vm_rss_mib(pid: int) -> float:
+    """RSS of rivers: the main process and its workers, summed."""
+    return sum(_rss_mib(p) for p in tree(pid))
+
+
+def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -470,4 +475,150 @@ async def test_idle_connections_memory(tmp_path: Path) -> None:
     finally:
         for writer in clients:
             writer.close()
+        upstream.kill()
+
+
+# --- --workers ---------------------------------------------------------------------------
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its children."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped by init counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def tcp_sockets(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+async def workers_up(rivers: Rivers, count: int) -> None:
+    async def up() -> bool:
+        return (await rivers.metrics())["rivers_workers"] == count
+
+    await wait_for(up, 15)
+
+
+async def test_workers_share_the_load_and_report_totals(tmp_path: Path) -> None:
+    upstream = await Upstream(echo).start()
+    held: list[asyncio.StreamWriter] = []
+    try:
+        async with running(Rivers([upstream.address], "--workers", "2", tmp=tmp_path)) as rivers:
+            await workers_up(rivers, 2)
+            pids = tree(rivers.pid)
+            assert len(pids) == 2
+            idle = {pid: tcp_sockets(pid) for pid in pids}
+
+            async def hold() -> None:
+                reader, writer = await asyncio.open_connection(LOOPBACK, rivers.port)
+                held.append(writer)
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+
+            # Connections held open at once: each process holds its share's sockets.
+            for _ in range(5):
+                await asyncio.gather(*(hold() for _ in range(32)))
+                if all(tcp_sockets(pid) > idle[pid] for pid in pids):
+                    break
+            assert all(tcp_sockets(pid) > idle[pid] for pid in pids), "one worker took all"
+            metrics = await rivers.metrics()
+            name = f'rivers_connections_active{{upstream="{upstream.address}"}}'
+            assert metrics[name] == len(held)
+            for writer in held:
+                writer.close()
+            for _ in range(20):
+                assert await round_trip(rivers.port) == b"ping"
+            total = len(held) + 20
+
+            async def all_counted() -> bool:
+                m = await rivers.metrics()
+                return (
+                    m[f'rivers_connections_accepted_total{{upstream="{upstream.address}"}}']
+                    == total
+                    and m[name] == 0
+                )
+
+            await wait_for(all_counted)
+            assert upstream.accepted >= total  # health checks dial it too
+            metrics = await rivers.metrics()
+            assert metrics['rivers_bytes_total{direction="upstream"}'] == total * 4
+            assert metrics[f'rivers_upstream_healthy{{upstream="{upstream.address}"}}'] == 1
+    finally:
+        for writer in held:
+            writer.close()
+        upstream.kill()
+
+
+async def test_workers_sigterm_drains_and_leaves_no_worker(tmp_path: Path) -> None:
+    upstream = await Upstream(echo).start()
+    try:
+        async with running(
+            Rivers([upstream.address], "--workers", "2", "--shutdown-timeout", "30s", tmp=tmp_path)
+        ) as rivers:
+            await workers_up(rivers, 2)
+            pids = tree(rivers.pid)
+            conns = [await asyncio.open_connection(LOOPBACK, rivers.port) for _ in range(8)]
+            for reader, writer in conns:
+                writer.write(b"before")
+                assert await reader.readexactly(6) == b"before"
+            os.kill(rivers.pid, signal.SIGTERM)
+
+            async def refused() -> bool:
+                try:
+                    _, w = await asyncio.open_connection(LOOPBACK, rivers.port)
+                except ConnectionRefusedError:
+                    return True
+                w.close()
+                return False
+
+            await wait_for(refused)
+            for reader, writer in conns:  # open ones keep working in every worker
+                writer.write(b"during")
+                assert await asyncio.wait_for(reader.readexactly(6), 5) == b"during"
+                writer.close()
+            assert rivers.proc is not None
+            assert await asyncio.wait_for(rivers.proc.wait(), 15) == 0
+            await wait_for(lambda: _true_when(not any(alive(pid) for pid in pids)))
+    finally:
+        upstream.kill()
+
+
+async def test_workers_restart_and_die_with_the_main_process(tmp_path: Path) -> None:
+    upstream = await Upstream(echo).start()
+    try:
+        async with running(Rivers([upstream.address], "--workers", "2", tmp=tmp_path)) as rivers:
+            await workers_up(rivers, 2)
+            worker = tree(rivers.pid)[1]
+            os.kill(worker, signal.SIGKILL)  # a worker that dies is started again
+            await wait_for(lambda: _true_when(not alive(worker)))
+
+            async def replaced() -> bool:
+                pids = tree(rivers.pid)
+                return len(pids) == 2 and pids[1] != worker
+
+            await wait_for(replaced, 15)
+            await workers_up(rivers, 2)
+            assert "worker died, restarting" in rivers.log()
+            for _ in range(10):
+                assert await round_trip(rivers.port) == b"ping"
+
+            pids = tree(rivers.pid)
+            os.kill(rivers.pid, signal.SIGKILL)  # no orphan workers, ever
+            await wait_for(lambda: _true_when(not any(alive(pid) for pid in pids)), 5)
+    finally:
         upstream.kill()

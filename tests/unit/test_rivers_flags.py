@@ -118,3 +118,12 @@ def test_dial_order_empty_when_nothing_is_healthy() -> None:
     for upstream in pool:
         upstream.healthy = False
     assert dial_order(pool) == []
+
+
+def test_workers_flag() -> None:
+    base = ["--listen", "127.0.0.1:16443", "--upstreams", "10.0.0.1:6443"]
+    assert parse_args([*base, "--workers", "3"]).workers == 3
+    assert 1 <= parse_args(base).workers <= 4  # auto: CPUs, at most 4
+    for bad in ("0", "-1", "65", "two"):
+        with pytest.raises(FlagError, match="--workers"):
+            parse_args([*base, "--workers", bad])
