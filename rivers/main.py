@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import os
 import resource
 import signal
 import sys
@@ -40,6 +41,7 @@ class Options:
     logformat: str
     loglevel: str
     event_loop: str
+    workers: int
 
 
 def parse_host_port(flag: str, text: str) -> HostPort:
@@ -124,7 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--event-loop", default="auto", help="auto (uvloop if installed), uvloop or asyncio"
     )
+    parser.add_argument(
+        "--workers",
+        default="auto",
+        help="processes accepting connections: a number, or auto (CPUs, at most 4)",
+    )
     return parser
+
+
+MAX_WORKERS = 64
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        from rivers.workers import auto_workers
+
+        return auto_workers()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise FlagError(f"--workers: want auto or 1-{MAX_WORKERS}, got {text!r}")
+    return int(text)
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -152,6 +172,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         logformat=args.logformat,
         loglevel=args.loglevel,
         event_loop=args.event_loop,
+        workers=_workers(args.workers),
     )
 
 
@@ -171,16 +192,30 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(options: Options) -> int:
+async def serve(options: Options, argv: Sequence[str]) -> int:
     # Imported here so that flag errors are reported before the heavier imports.
-    from rivers.metrics import MetricsServer
-    from rivers.proxy import Proxy
+    from rivers.proxy import Proxy, Snapshot
+    from rivers.workers import WORKER_ENV, Supervisor, parse_worker_env, serve_worker
 
     proxy = Proxy(options.proxy)
+    worker_env = os.environ.get(WORKER_ENV)
+    if worker_env:
+        # A worker serves no HTTP: it never imports prometheus_client (~3.5 MB).
+        listen_fds, control_fd, _, index = parse_worker_env(worker_env)
+        return await serve_worker(proxy, listen_fds, control_fd, index)
+    from rivers.metrics import MetricsServer
+
+    supervisor: Supervisor | None = None
+
+    async def snapshot() -> Snapshot:
+        if supervisor is not None:
+            return await supervisor.snapshot()
+        return proxy.snapshot()
+
     # Bind the metrics port first so a bad --metrics fails before anything is served.
     metrics_server: MetricsServer | None = None
     if options.metrics is not None:
-        metrics_server = MetricsServer(proxy, options.metrics)
+        metrics_server = MetricsServer(snapshot, options.metrics)
         try:
             await metrics_server.start()
         except OSError as exc:
@@ -196,15 +231,25 @@ async def serve(options: Options) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if options.workers > 1:
+        supervisor = Supervisor(proxy, options.workers, list(argv))
+        supervisor.start()
     await stop.wait()
     log.info("signal received, stopping")
-    await proxy.shutdown()
+    clean = True
+    if supervisor is not None:
+        supervisor.signal_workers()
+        await proxy.shutdown()
+        # Workers drain on their own clock; allow a little more before SIGKILL.
+        clean = await supervisor.wait(options.proxy.shutdown_timeout + 5)
+    else:
+        await proxy.shutdown()
     if metrics_server is not None:
         metrics_server.close()
-    return 0
+    return 0 if clean else 1
 
 
-def _run(options: Options) -> int:
+def _run(options: Options, argv: Sequence[str]) -> int:
     use_uvloop = options.event_loop == "uvloop" or (
         options.event_loop == "auto" and _uvloop_available()
     )
@@ -212,14 +257,15 @@ def _run(options: Options) -> int:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(options))
+            return runner.run(serve(options, argv))
     with asyncio.Runner() as runner:
-        return runner.run(serve(options))
+        return runner.run(serve(options, argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        options = parse_args(sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        options = parse_args(argv)
         try:
             setup_logging(options.loglevel, options.logformat, options.logfile)
         except OSError as exc:
@@ -227,7 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             raise FlagError(str(exc)) from None
         _raise_fd_limit()
-        return _run(options)
+        worker_env = os.environ.get("RIVERS_WORKER")
+        if worker_env:
+            from rivers.workers import die_with_parent, parse_worker_env
+
+            die_with_parent(parse_worker_env(worker_env)[2])
+        return _run(options, argv)
     except FlagError as exc:
         print(f"rivers: {exc}", file=sys.stderr)
         return 2

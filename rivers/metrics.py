@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cke.common.logs import get_logger
-from rivers.proxy import HostPort, Proxy
+from rivers.proxy import HostPort, Snapshot
+
+# Returns the counters to serve: the local proxy's, or every worker's merged.
+SnapshotSource = Callable[[], Awaitable[Snapshot]]
 
 log = get_logger("rivers.metrics")
 
@@ -32,11 +35,15 @@ _REASONS = {
 
 
 class RiversCollector(Collector):
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    """Renders the snapshot taken just before the scrape (one worker or all merged)."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot = {}
 
     def collect(self) -> Iterator[Metric]:
-        proxy = self.proxy
+        snap = self.snapshot
+        if not snap:
+            return
         accepted = CounterMetricFamily(
             "rivers_connections_accepted",
             "Connections proxied to each upstream.",
@@ -51,36 +58,49 @@ class RiversCollector(Collector):
         healthy = GaugeMetricFamily(
             "rivers_upstream_healthy", "1 if the upstream is healthy.", labels=["upstream"]
         )
-        for upstream in proxy.upstreams:
-            accepted.add_metric([upstream.name], upstream.accepted)
-            active.add_metric([upstream.name], len(upstream.sessions))
-            dial_errors.add_metric([upstream.name], upstream.dial_errors)
-            healthy.add_metric([upstream.name], 1 if upstream.healthy else 0)
-        up, down = proxy.bytes_totals()
+        for name, fields in snap["upstreams"].items():
+            accepted.add_metric([name], fields["accepted"])
+            active.add_metric([name], fields["active"])
+            dial_errors.add_metric([name], fields["dial_errors"])
+            healthy.add_metric([name], fields["healthy"])
         byte_counter = CounterMetricFamily(
             "rivers_bytes",
             "Bytes forwarded; upstream = client to upstream, downstream = back.",
             labels=["direction"],
         )
-        byte_counter.add_metric(["upstream"], up)
-        byte_counter.add_metric(["downstream"], down)
+        byte_counter.add_metric(["upstream"], snap["bytes_up"])
+        byte_counter.add_metric(["downstream"], snap["bytes_down"])
         no_upstream = CounterMetricFamily(
             "rivers_no_upstream", "Clients closed because no upstream was healthy."
         )
-        no_upstream.add_metric([], proxy.no_upstream)
+        no_upstream.add_metric([], snap["no_upstream"])
         dialing = GaugeMetricFamily(
             "rivers_connections_dialing", "Accepted clients waiting for an upstream dial."
         )
-        dialing.add_metric([], len(proxy.dialing))
-        yield from (accepted, active, dial_errors, healthy, byte_counter, no_upstream, dialing)
+        dialing.add_metric([], snap["dialing"])
+        workers = GaugeMetricFamily(
+            "rivers_workers", "Worker processes whose counters are in this scrape."
+        )
+        workers.add_metric([], snap.get("workers", 1))
+        yield from (
+            accepted,
+            active,
+            dial_errors,
+            healthy,
+            byte_counter,
+            no_upstream,
+            dialing,
+            workers,
+        )
 
 
 class MetricsServer:
-    def __init__(self, proxy: Proxy, address: HostPort) -> None:
-        self.proxy = proxy
+    def __init__(self, source: SnapshotSource, address: HostPort) -> None:
+        self.source = source
         self.address = address
+        self.collector = RiversCollector()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(RiversCollector(proxy))
+        self.registry.register(self.collector)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -98,8 +118,8 @@ class MetricsServer:
         if self._server is not None:
             self._server.close()
 
-    def _health(self) -> tuple[int, bytes]:
-        states = {u.name: u.healthy for u in self.proxy.upstreams}
+    def _health(self, snap: Snapshot) -> tuple[int, bytes]:
+        states = {name: bool(f["healthy"]) for name, f in snap["upstreams"].items()}
         status = 200 if any(states.values()) else 503
         return status, json.dumps({"healthy": status == 200, "upstreams": states}).encode()
 
@@ -115,9 +135,10 @@ class MetricsServer:
             elif method not in ("GET", "HEAD"):
                 status, ctype, body = 405, "text/plain", b"method not allowed\n"
             elif path == "/metrics":
+                self.collector.snapshot = await self.source()
                 status, ctype, body = 200, CONTENT_TYPE, generate_latest(self.registry)
             elif path == "/health":
-                status, body = self._health()
+                status, body = self._health(await self.source())
                 ctype = "application/json"
             else:
                 status, ctype, body = 404, "text/plain", b"not found\n"

@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from cke.common.logs import get_logger
 
@@ -244,7 +244,7 @@ class Proxy:
         self.closed_bytes_down = 0
         self.dialing: set[ClientSide] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._health_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._debug = log.is_enabled_for(logging.DEBUG)
@@ -253,17 +253,29 @@ class Proxy:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Bind the listener (raises OSError if it cannot) and start health checks."""
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Bind the listener (raises OSError if it cannot) and start health checks.
+
+        With ``sockets`` (a worker), serve on listening sockets inherited from the
+        main process instead of binding: every worker accepts from the same queue.
+        """
         self._loop = asyncio.get_running_loop()
         listen = self.config.listen
-        self._server = await self._loop.create_server(
-            lambda: ClientSide(self),
-            listen.host,
-            listen.port,
-            backlog=4096,
-            reuse_address=True,
-        )
+        if sockets is None:
+            self._servers = [
+                await self._loop.create_server(
+                    lambda: ClientSide(self),
+                    listen.host,
+                    listen.port,
+                    backlog=4096,
+                    reuse_address=True,
+                )
+            ]
+        else:
+            self._servers = [
+                await self._loop.create_server(lambda: ClientSide(self), sock=sock, backlog=4096)
+                for sock in sockets
+            ]
         self._health_task = asyncio.create_task(self._health_loop())
         log.info(
             "rivers started",
@@ -272,18 +284,24 @@ class Proxy:
             loop=type(self._loop).__module__,
         )
 
+    def listen_fds(self) -> list[int]:
+        """Descriptors of the listening sockets, for workers to inherit."""
+        return [sock.fileno() for server in self._servers for sock in server.sockets]
+
     @property
     def bound_port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._servers[0].sockets[0].getsockname()[1])
+
+    def close_listener(self) -> None:
+        for server in self._servers:
+            server.close()
 
     def active_count(self) -> int:
         return len(self.dialing) + sum(len(u.sessions) for u in self.upstreams)
 
     async def shutdown(self) -> None:
         """Stop accepting now; let open connections finish up to shutdown_timeout."""
-        if self._server is not None:
-            self._server.close()
+        self.close_listener()
         if self._health_task is not None:
             self._health_task.cancel()
         active = self.active_count()
@@ -412,6 +430,26 @@ class Proxy:
                 down += session.peer.bytes_down
         return up, down
 
+    def snapshot(self) -> Snapshot:
+        """The counters and states, as plain data a worker can send to the main process."""
+        up, down = self.bytes_totals()
+        return {
+            "upstreams": {
+                u.name: {
+                    "accepted": u.accepted,
+                    "active": len(u.sessions),
+                    "dial_errors": u.dial_errors,
+                    "healthy": 1 if u.healthy else 0,
+                }
+                for u in self.upstreams
+            },
+            "bytes_up": up,
+            "bytes_down": down,
+            "no_upstream": self.no_upstream,
+            "dialing": len(self.dialing),
+            "workers": 1,
+        }
+
     # --- health ----------------------------------------------------------------------
 
     def mark_unhealthy(self, upstream: Upstream, exc: BaseException) -> None:
@@ -453,6 +491,27 @@ class Proxy:
             except Exception:  # a check must never stop the checking
                 log.exception("health check failed")
             await asyncio.sleep(self.config.check_interval)
+
+
+Snapshot = dict[str, Any]
+
+
+def merge_snapshots(snapshots: list[Snapshot]) -> Snapshot:
+    """Totals across workers. An upstream counts as healthy only if every worker
+    sees it healthy (each worker checks on its own; they agree within one interval)."""
+    merged: Snapshot = {"upstreams": {}, "bytes_up": 0, "bytes_down": 0}
+    merged.update(no_upstream=0, dialing=0, workers=0)
+    for snap in snapshots:
+        for key in ("bytes_up", "bytes_down", "no_upstream", "dialing", "workers"):
+            merged[key] += snap[key]
+        for name, fields in snap["upstreams"].items():
+            into = merged["upstreams"].setdefault(
+                name, {"accepted": 0, "active": 0, "dial_errors": 0, "healthy": 1}
+            )
+            for key in ("accepted", "active", "dial_errors"):
+                into[key] += fields[key]
+            into["healthy"] = min(into["healthy"], fields["healthy"])
+    return merged
 
 
 def _describe(exc: BaseException) -> str:

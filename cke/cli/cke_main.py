@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent-updates", type=int, default=10, help="the number of nodes changed at once"
     )
     p.add_argument("--name", default=socket.gethostname(), help="this replica's name")
+    p.add_argument(
+        "--cert-ttl",
+        default="8760h",
+        help="TTL of the certificates cke issues for components (not CKE's flag)",
+    )
     p.add_argument("--loglevel", default="info")
     p.add_argument("--logformat", default="plain")
     p.add_argument("--logfile", default=None)
@@ -72,7 +77,7 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interva
         return parse_vault_config(stored.value) if stored.value is not None else None
 
     vault = VaultSession(vault_config)
-    infra = Infrastructure(storage, vault, args.max_concurrent_updates)
+    infra = Infrastructure(storage, vault, args.max_concurrent_updates, args.cert_ttl)
     server = Server(client, storage, args.name, interval, ttl, metrics, vault, gc_interval, infra)
 
     async def health() -> tuple[bool, str]:
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         interval = _duration(args, "--interval")
         ttl_seconds = _duration(args, "--session-ttl")
         gc_interval = _duration(args, "--certs-gc-interval")
+        _duration(args, "--cert-ttl")
         if ttl_seconds < 1:
             raise FlagError("--session-ttl: must be at least 1s")
         if args.max_concurrent_updates < 1:

@@ -16,7 +16,7 @@ from cke.etcdadmin import EtcdAdmin, EtcdCredentials
 from cke.nodes.pool import NodePool
 from cke.nodes.runtime import Runtime
 from cke.op.etcd import EtcdTools
-from cke.pki import SECRETS_MOUNT, CertIssuer
+from cke.pki import DEFAULT_CERT_TTL, SECRETS_MOUNT, CertIssuer
 from cke.storage import KEY_HOSTKEYS_PREFIX, LeaderKey, NotLeader, Storage
 from cke.vault import VaultError, VaultSession
 
@@ -27,8 +27,15 @@ ROOT_CERT_MARGIN = dt.timedelta(minutes=30)
 
 
 class Infrastructure:
-    def __init__(self, storage: Storage, vault: VaultSession, max_concurrent_updates: int) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        vault: VaultSession,
+        max_concurrent_updates: int,
+        cert_ttl: str = DEFAULT_CERT_TTL,
+    ) -> None:
         self.storage = storage
+        self.cert_ttl = cert_ttl
         self.vault = vault
         self.leader: LeaderKey | None = None
         self.pool = NodePool(self._ssh_keys, self, update_concurrency=max_concurrent_updates)
@@ -64,7 +71,8 @@ class Infrastructure:
     # -- Vault and etcd -------------------------------------------------------------------
 
     async def issuer(self) -> CertIssuer:
-        return CertIssuer(await self.vault.client(timeout=30))
+        ttls = {kind: self.cert_ttl for kind in ("server", "peer", "client", "kubernetes")}
+        return CertIssuer(await self.vault.client(timeout=30), ttls)
 
     async def ca(self, name: str) -> str:
         pem = await self.storage.get_ca(name)

