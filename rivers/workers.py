@@ -193,14 +193,17 @@ async def serve_worker(proxy: Proxy, listen_fds: list[int], control_fd: int, ind
         loop.add_signal_handler(signum, stop.set)
 
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=control_fd))
+    parent = os.getppid()
 
     async def answer() -> None:
         nonlocal orphaned
         with contextlib.suppress(OSError):
             while await reader.readline():
                 writer.write(json.dumps(proxy.snapshot()).encode() + b"\n")
+        # The channel also closes when a live main process shuts down (its SIGTERM to
+        # us may still be on its way): only a main process that is gone means orphaned.
         if not stop.is_set():
-            orphaned = True
+            orphaned = os.getppid() != parent
             stop.set()
 
     control = asyncio.create_task(answer())
