@@ -191,6 +191,12 @@ class Storage:
             raise NotLeader(f"leader key {leader.key.decode()} is gone; stepping down")
         return False
 
+    async def fenced_put_if_absent(self, leader: LeaderKey, name: str, value: str) -> bool:
+        """As the leader, write ``name`` only if nobody wrote it yet; False if it exists."""
+        key = self.key(name)
+        absent = Compare(result=Compare.EQUAL, target=Compare.CREATE, key=key, create_revision=0)
+        return await self.fenced(leader, [self.kv.txn_op_put(key, value)], [absent])
+
     @staticmethod
     def _mod_revision_is(key: bytes, mod_revision: int) -> Compare:
         return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=mod_revision)

@@ -66,13 +66,7 @@ def _emit(doc: Any, output: str | None, human: Callable[[Any], str]) -> None:
 
 
 async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
-    try:
-        if args.file == "-":
-            text = sys.stdin.read()
-        else:
-            text = await asyncio.to_thread(Path(args.file).read_text)
-    except OSError as exc:
-        raise CLIError(f"{args.file}: {exc.strerror}") from exc
+    text = await _read_input(args.file)
     try:
         cluster = parse_cluster(text)
     except ClusterError as exc:
@@ -374,8 +368,12 @@ async def cmd_etcd_root_issue(storage: Storage, args: argparse.Namespace) -> Non
     await _issue_etcd(storage, "root", None, args.output)
 
 
+def _reserved_etcd_user(user: str) -> bool:
+    return not user or user == "root" or user.startswith("system:")
+
+
 async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
-    if args.user == "root" or args.user.startswith("system:") or not args.user:
+    if _reserved_etcd_user(args.user):
         raise CLIError("USER: root and system: names are reserved")
     if not args.prefix.startswith("/"):
         raise CLIError("PREFIX: must start with /")
@@ -411,7 +409,7 @@ async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
 
 
 async def cmd_etcd_issue(storage: Storage, args: argparse.Namespace) -> None:
-    if args.user == "root" or args.user.startswith("system:") or not args.user:
+    if _reserved_etcd_user(args.user):
         raise CLIError("USER: use root-issue for root; system: names are reserved")
     try:
         parse_duration(args.ttl)

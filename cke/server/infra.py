@@ -61,12 +61,7 @@ class Infrastructure:
     async def pin(self, address: str, key: str) -> None:
         if self.leader is None:
             raise NotLeader("only the leader pins host keys")
-        name = self.storage.key(KEY_HOSTKEYS_PREFIX + address)
-        # Pin only if nobody pinned meanwhile (create revision 0: key absent).
-        from etcd3aio._protobuf import Compare
-
-        absent = Compare(result=Compare.EQUAL, target=Compare.CREATE, key=name, create_revision=0)
-        await self.storage.fenced(self.leader, [self.storage.kv.txn_op_put(name, key)], [absent])
+        await self.storage.fenced_put_if_absent(self.leader, KEY_HOSTKEYS_PREFIX + address, key)
 
     # -- Vault and etcd -------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from cke.server.safety import (
     learner_caught_up,
     quorum,
 )
+from tests.unit.etcd_builders import member
 
 pytestmark = pytest.mark.unit
 
@@ -40,25 +41,6 @@ def cluster(cps: Sequence[str], workers: Sequence[str] = ()) -> Cluster:
     nodes = [Node(address=a, user="root", control_plane=True) for a in cps]
     nodes += [Node(address=a, user="root") for a in workers]
     return Cluster(name="c", service_subnet="10.68.0.0/16", nodes=nodes)
-
-
-def member(
-    address: str,
-    *,
-    learner: bool = False,
-    healthy: bool = True,
-    raft_index: int = 5000,
-    leader: bool = False,
-) -> EtcdMember:
-    return EtcdMember(
-        id=int(address.rsplit(".", 1)[1]),
-        name=address,
-        address=address,
-        learner=learner,
-        healthy=healthy,
-        raft_index=raft_index,
-        leader=leader,
-    )
 
 
 def status(*members: EtcdMember, nodes: Sequence[NodeStatus] = ()) -> ClusterStatus:

@@ -35,6 +35,7 @@ from cke.server.strategy import (
     Decision,
     decide,
 )
+from tests.unit.etcd_builders import member
 
 pytestmark = pytest.mark.unit
 
@@ -59,25 +60,6 @@ def node_of(c: Cluster, address: str) -> Node:
 
 def digest(c: Cluster, address: str) -> str:
     return desired_etcd_digest(node_of(c, address), c)
-
-
-def member(
-    address: str,
-    *,
-    learner: bool = False,
-    healthy: bool = True,
-    raft_index: int = 5000,
-    leader: bool = False,
-) -> EtcdMember:
-    return EtcdMember(
-        id=int(address.rsplit(".", 1)[1]),
-        name=address,
-        address=address,
-        learner=learner,
-        healthy=healthy,
-        raft_index=raft_index,
-        leader=leader,
-    )
 
 
 def running(c: Cluster, address: str, **changes: object) -> NodeStatus:
