@@ -19,13 +19,20 @@ import json
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cke.common.etcd import format_validation_error
+from cke.common.fields import (
+    CONTROL_RE,
+    absolute_path_problem,
+    binary_path_problem,
+    env_name_problem,
+    node_address_problem,
+)
+from cke.common.yamlfile import yaml_error_position
 
 __all__ = [
     "COMPONENTS",
@@ -61,6 +68,36 @@ TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 RESERVED_KEY_INFIX = "cke.cybozu.com/"
 # ... or start with this.
 RESERVED_KEY_PREFIX = "node-role.kubernetes.io/"
+
+# The etcd flags cke sets itself (``cke/op/etcd.py``: ``etcd_args`` and the initial
+# cluster flags), plus the ones that would override them wholesale or re-form the cluster.
+ETCD_FLAGS_SET_BY_CKE = frozenset(
+    {
+        "name",
+        "data-dir",
+        "wal-dir",
+        "listen-client-urls",
+        "advertise-client-urls",
+        "listen-peer-urls",
+        "initial-advertise-peer-urls",
+        "initial-cluster",
+        "initial-cluster-state",
+        "initial-cluster-token",
+        "cert-file",
+        "key-file",
+        "trusted-ca-file",
+        "client-cert-auth",
+        "peer-cert-file",
+        "peer-key-file",
+        "peer-trusted-ca-file",
+        "peer-client-cert-auth",
+        "enable-v2",
+        "config-file",
+        "force-new-cluster",
+        "discovery",
+        "discovery-srv",
+    }
+)
 
 COMPONENTS = (
     "etcd",
@@ -251,9 +288,16 @@ _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN_RE = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 _QUALIFIED_NAME_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _LABEL_VALUE_RE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
-_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY_TYPE_RE = re.compile(r"[a-z0-9][-a-z0-9@.]*")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+_MAX_NAME_LENGTH = 253
+_MAX_USER_LENGTH = 255
+# An RSA key of 16384 bits is about 2,800 characters in OpenSSH form.
+_MAX_HOST_KEY_LENGTH = 8192
+# etcd refuses requests over 1.5 MiB by default (--max-request-bytes); the cluster is
+# written in one transaction with the constraints, so it must stay well below that.
+MAX_CLUSTER_BYTES = 1024 * 1024
 
 
 def _quote(key: str, limit: int = 40) -> str:
@@ -338,15 +382,16 @@ def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def check_name(cluster: Cluster) -> list[Problem]:
     if not cluster.name:
         return [("name", "must not be empty")]
-    if _CONTROL_RE.search(cluster.name):
+    if len(cluster.name) > _MAX_NAME_LENGTH:
+        return [("name", f"must be at most {_MAX_NAME_LENGTH} characters")]
+    if CONTROL_RE.search(cluster.name):
         return [("name", "must not contain control characters")]
     return []
 
 
 def check_node_address(node: Node, path: str) -> list[Problem]:
-    if _ip(node.address) is None:
-        return [(f"{path}.address", "must be an IPv4 or IPv6 address")]
-    return []
+    problem = node_address_problem(node.address)
+    return [] if problem is None else [(f"{path}.address", problem)]
 
 
 def check_node_hostname(node: Node, path: str) -> list[Problem]:
@@ -363,13 +408,17 @@ def check_node_hostname(node: Node, path: str) -> list[Problem]:
 def check_node_user(node: Node, path: str) -> list[Problem]:
     if not node.user:
         return [(f"{path}.user", "must not be empty")]
-    if any(c.isspace() for c in node.user) or _CONTROL_RE.search(node.user):
+    if len(node.user) > _MAX_USER_LENGTH:
+        return [(f"{path}.user", f"must be at most {_MAX_USER_LENGTH} characters")]
+    if any(c.isspace() for c in node.user) or CONTROL_RE.search(node.user):
         return [(f"{path}.user", "must not contain white space or control characters")]
     return []
 
 
 def host_key_problem(key: str) -> str | None:
     """Why ``key`` is not an OpenSSH one-line public key (``type base64 [comment]``), or None."""
+    if len(key) > _MAX_HOST_KEY_LENGTH:
+        return f"must be at most {_MAX_HOST_KEY_LENGTH} characters"
     if "\n" in key or "\r" in key or "\x00" in key:
         return "must be a single line"
     fields = key.split(None, 2)
@@ -469,7 +518,17 @@ def check_duplicates(nodes: list[Node]) -> list[Problem]:
     problems: list[Problem] = []
     by_address: dict[object, int] = {}
     by_name: dict[str, int] = {}
+    by_host_key: dict[str, int] = {}
     for i, node in enumerate(nodes):
+        if node.host_key is not None:
+            # One machine, one entry: two entries of one machine would be managed as two
+            # nodes, and one's etcd data would look stale through the other.
+            blob = node.host_key.split()[1] if len(node.host_key.split()) > 1 else node.host_key
+            first = by_host_key.setdefault(blob, i)
+            if first != i:
+                problems.append(
+                    (f"nodes[{i}].host_key", f"same host key as nodes[{first}]: one machine")
+                )
         ip = _ip(node.address)
         address_key: object = ip if ip is not None else node.address
         first = by_address.setdefault(address_key, i)
@@ -502,20 +561,12 @@ def check_service_subnet(cluster: Cluster) -> list[Problem]:
 
 
 def check_dns_servers(cluster: Cluster) -> list[Problem]:
-    return [
-        (f"dns_servers[{i}]", "must be an IPv4 or IPv6 address")
-        for i, server in enumerate(cluster.dns_servers)
-        if _ip(server) is None
-    ]
-
-
-def absolute_path_problem(path: str) -> str | None:
-    """Why ``path`` is not a usable absolute path on a node, or None."""
-    if _CONTROL_RE.search(path):
-        return "must not contain control characters"
-    if not PurePosixPath(path).is_absolute():
-        return "must be an absolute path"
-    return None
+    problems: list[Problem] = []
+    for i, server in enumerate(cluster.dns_servers):
+        problem = node_address_problem(server)
+        if problem is not None:
+            problems.append((f"dns_servers[{i}]", problem))
+    return problems
 
 
 def check_service_params(params: ServiceParams, path: str) -> list[Problem]:
@@ -525,10 +576,9 @@ def check_service_params(params: ServiceParams, path: str) -> list[Problem]:
             problems.append((f"{path}.extra_args[{i}]", "must not contain NUL characters"))
     for name, value in params.extra_env.items():
         where = f"{path}.extra_env[{_quote(name)}]"
-        if not _ENV_NAME_RE.fullmatch(name):
-            problems.append(
-                (where, "name must be letters, digits and '_', not starting with a digit")
-            )
+        problem = env_name_problem(name)
+        if problem is not None:
+            problems.append((where, problem))
         if "\x00" in value:
             problems.append((where, "value must not contain NUL characters"))
     for i, mount in enumerate(params.extra_binds):
@@ -544,13 +594,34 @@ def check_options(cluster: Cluster) -> list[Problem]:
     for component in COMPONENTS:
         params = cluster.options.for_component(component)
         problems += check_service_params(params, f"options.{component}")
+    problems += check_etcd_extra_args(cluster.options.etcd)
+    return problems
+
+
+def check_etcd_extra_args(params: ServiceParams) -> list[Problem]:
+    """``options.etcd.extra_args`` must not set a flag cke sets itself.
+
+    cke knows where a member keeps its data (``--data-dir``, ``--wal-dir``), which
+    address it is (``--name``, the URLs) and how it is secured; an extra argument that
+    moved any of it would make the status lie (data elsewhere looks like no data, which
+    invites a new bootstrap) or let the cluster be re-formed (``--force-new-cluster``).
+    """
+    problems: list[Problem] = []
+    for i, arg in enumerate(params.extra_args):
+        if not arg.startswith("-"):
+            continue
+        flag = arg.lstrip("-").split("=", 1)[0]
+        if flag in ETCD_FLAGS_SET_BY_CKE:
+            problems.append(
+                (f"options.etcd.extra_args[{i}]", f"--{flag} is set by cke and cannot be changed")
+            )
     return problems
 
 
 def check_binaries(cluster: Cluster) -> list[Problem]:
     problems: list[Problem] = []
     for program in _BINARY_NAMES:
-        problem = absolute_path_problem(cluster.binaries.path_of(program))
+        problem = binary_path_problem(cluster.binaries.path_of(program))
         if problem is not None:
             problems.append((f"binaries.{program}", problem))
     return problems
@@ -591,9 +662,22 @@ def check_cluster(cluster: Cluster) -> None:
         raise ClusterError.from_problems(problems)
 
 
+def check_size(cluster: Cluster) -> list[Problem]:
+    size = len(cluster_to_json(cluster).encode())
+    if size > MAX_CLUSTER_BYTES:
+        return [
+            (
+                "(top)",
+                f"the cluster is {size} bytes as stored, more than the limit of "
+                f"{MAX_CLUSTER_BYTES} (etcd refuses requests over 1.5 MiB)",
+            )
+        ]
+    return []
+
+
 def validate_cluster(cluster: Cluster, constraints: Constraints) -> None:
     """Every check, including the constraints; must pass before a cluster is stored."""
-    problems = cluster_problems(cluster)
+    problems = cluster_problems(cluster) + check_size(cluster)
     if not any(path == "nodes" for path, _ in problems):
         problems += check_control_plane_count(cluster, constraints)
     if problems:
@@ -640,10 +724,9 @@ def _load_yaml(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
-        where = ""
-        if exc.problem_mark is not None:
-            where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
-        raise ClusterError(f"(yaml): {exc.problem or 'syntax error'}{where}") from None
+        raise ClusterError(
+            f"(yaml): {exc.problem or 'syntax error'}{yaml_error_position(exc, text)}"
+        ) from None
     except RecursionError:
         raise ClusterError("(yaml): nested too deeply") from None
     except Exception as exc:  # YAMLError, bad timestamps (ValueError), ...

@@ -35,12 +35,19 @@ def endpoint(address: str, port: int = 2379) -> str:
 
 
 def peer_address(peer_url: str) -> str:
-    return urlsplit(peer_url).hostname or ""
+    """The host of a member's peer URL ("" when etcd reports one that does not parse)."""
+    try:
+        return urlsplit(peer_url).hostname or ""
+    except ValueError:
+        return ""
 
 
 class EtcdAdmin:
-    def __init__(self, credentials: Callable[[], Awaitable[EtcdCredentials]]) -> None:
+    def __init__(
+        self, credentials: Callable[[], Awaitable[EtcdCredentials]], port: int = 2379
+    ) -> None:
         self._credentials = credentials
+        self.port = port  # the members' client port (CKE's: 2379)
         self._clients: dict[str, tuple[EtcdCredentials, Etcd3Client]] = {}
 
     async def client(self, address: str) -> Etcd3Client:
@@ -52,7 +59,7 @@ class EtcdAdmin:
             with contextlib.suppress(Exception):
                 await cached[1].close()
         c = Etcd3Client(
-            [endpoint(address)],
+            [endpoint(address, self.port)],
             ca_cert=creds.server_ca,
             cert_key=creds.key,
             cert_chain=creds.cert,
@@ -76,6 +83,11 @@ class EtcdAdmin:
             st = await c.maintenance.status(timeout=STATUS_TIMEOUT)
         except (EtcdError, OSError, TimeoutError):
             return None
+        except Exception as exc:  # one member's surprise must not hide the others
+            log.warning(
+                "etcd member status failed", member=address, error=f"{type(exc).__name__}: {exc}"
+            )
+            return None
         if st.errors:
             return None
         return address, int(st.header.member_id), int(st.leader), int(st.raftAppliedIndex)
@@ -94,7 +106,8 @@ class EtcdAdmin:
                 assert c.cluster is not None
                 members_resp = await c.cluster.member_list(timeout=STATUS_TIMEOUT)
                 break
-            except (EtcdError, OSError, TimeoutError):
+            except Exception as exc:
+                log.debug("etcd member list failed", member=answer[0], error=str(exc))
                 continue
         if members_resp is None:
             return EtcdStatus(reachable=False)
@@ -113,6 +126,7 @@ class EtcdAdmin:
                     healthy=answer is not None,
                     raft_index=answer[3] if answer else 0,
                     leader=mid == leader_id,
+                    peer_urls=tuple(m.peerURLs),
                 )
             )
         return EtcdStatus(reachable=True, members=tuple(members), leader_id=leader_id)

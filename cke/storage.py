@@ -25,6 +25,7 @@ lease (paused, partitioned) can change nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from collections.abc import Sequence
@@ -34,7 +35,10 @@ from typing import Any
 from etcd3aio import Etcd3Client, SortOrder, SortTarget, prefix_range_end
 from etcd3aio._protobuf import Compare, RequestOp
 
+from cke.common.logs import get_logger
 from cke.records import Record
+
+log = get_logger("cke.storage")
 
 KEY_CLUSTER = "cluster"
 KEY_CONSTRAINTS = "constraints"
@@ -120,6 +124,21 @@ class Status:
         )
 
 
+class UnreadableValue(ValueError):
+    """A stored value that is not UTF-8 text."""
+
+
+def stored_text(value: bytes | None, key: str) -> str | None:
+    """A stored value as text (None if absent); bytes that are not UTF-8 raise
+    UnreadableValue naming the key, never UnicodeDecodeError."""
+    if value is None:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise UnreadableValue(f"{key}: the stored value is not UTF-8 text") from None
+
+
 def record_key_suffix(record_id: int) -> str:
     return f"{record_id:016x}"
 
@@ -197,6 +216,27 @@ class Storage:
         absent = Compare(result=Compare.EQUAL, target=Compare.CREATE, key=key, create_revision=0)
         return await self.fenced(leader, [self.kv.txn_op_put(key, value)], [absent])
 
+    async def _prefix_range(
+        self,
+        prefix: str,
+        order: SortOrder,
+        target: SortTarget,
+        *,
+        limit: int = 0,
+        keys_only: bool = False,
+    ) -> Any:
+        """Every key under ``prefix`` (at most ``limit``; 0: all), sorted."""
+        start = self.key(prefix)
+        return await self.kv.get(
+            start,
+            range_end=prefix_range_end(start),
+            sort_order=order,
+            sort_target=target,
+            limit=limit,
+            keys_only=keys_only,
+            timeout=self.timeout,
+        )
+
     @staticmethod
     def _mod_revision_is(key: bytes, mod_revision: int) -> Compare:
         return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=mod_revision)
@@ -259,23 +299,24 @@ class Storage:
 
     async def leader_candidates(self) -> list[tuple[bytes, int, str]]:
         """(key, create revision, name) of every candidate, oldest first."""
-        start = self.key(KEY_LEADER_PREFIX)
-        resp = await self.kv.get(
-            start,
-            range_end=prefix_range_end(start),
-            sort_order=SortOrder.ASCEND,
-            sort_target=SortTarget.CREATE,
-            timeout=self.timeout,
-        )
-        return [(kv.key, kv.create_revision, kv.value.decode()) for kv in resp.kvs]
+        resp = await self._prefix_range(KEY_LEADER_PREFIX, SortOrder.ASCEND, SortTarget.CREATE)
+        return [(kv.key, kv.create_revision, kv.value.decode(errors="replace")) for kv in resp.kvs]
 
     async def get_leader_name(self) -> str | None:
         candidates = await self.leader_candidates()
         return candidates[0][2] if candidates else None
 
     async def get_status(self) -> Status | None:
+        """The last status; None when there is none or it cannot be read (the leader
+        overwrites it every round, so a damaged one is only reported, never fatal)."""
         got = await self.get(KEY_STATUS)
-        return Status.from_json(got.value) if got.value is not None else None
+        if got.value is None:
+            return None
+        try:
+            return Status.from_json(got.value)
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("stored status is unreadable; ignored", error=f"{type(exc).__name__}")
+            return None
 
     async def put_status(self, leader: LeaderKey, status: Status) -> None:
         ok = await self.fenced(leader, [self.kv.txn_op_put(self.key(KEY_STATUS), status.to_json())])
@@ -288,7 +329,7 @@ class Storage:
         """Give ``record`` the next id and store it; drop records beyond the limit."""
         for _ in range(10):
             got = await self.get(KEY_RECORDS)
-            next_id = int(got.value.decode()) if got.value else 1
+            next_id = await self._next_record_id(got.value)
             record.id = next_id
             ops = [
                 self.kv.txn_op_put(self.key(KEY_RECORDS), str(next_id + 1)),
@@ -309,6 +350,24 @@ class Storage:
                 return record
         raise Conflict("could not allocate a record id")
 
+    async def _next_record_id(self, counter: bytes | None) -> int:
+        """The id counter, or (when it was damaged) one past the newest record's key."""
+        if counter is None:
+            return 1
+        text = counter.decode(errors="replace").strip()
+        if text.isdecimal() and 0 < len(text) <= 15:
+            return int(text)
+        log.warning("the record id counter is unreadable; continuing after the newest record")
+        start = self.key(KEY_RECORDS_PREFIX)
+        resp = await self._prefix_range(
+            KEY_RECORDS_PREFIX, SortOrder.DESCEND, SortTarget.KEY, limit=1, keys_only=True
+        )
+        for kv in resp.kvs:
+            suffix = kv.key[len(start) :].decode(errors="replace")
+            with contextlib.suppress(ValueError):
+                return int(suffix, 16) + 1
+        return 1
+
     async def update_record(self, leader: LeaderKey, record: Record) -> None:
         key = self.key(KEY_RECORDS_PREFIX + record_key_suffix(record.id))
         if not await self.fenced(leader, [self.kv.txn_op_put(key, record.to_json())]):
@@ -316,16 +375,20 @@ class Storage:
 
     async def get_records(self, count: int = 0) -> list[Record]:
         """The newest ``count`` records (all when 0), newest first."""
-        start = self.key(KEY_RECORDS_PREFIX)
-        resp = await self.kv.get(
-            start,
-            range_end=prefix_range_end(start),
-            sort_order=SortOrder.DESCEND,
-            sort_target=SortTarget.KEY,
-            limit=count,
-            timeout=self.timeout,
+        resp = await self._prefix_range(
+            KEY_RECORDS_PREFIX, SortOrder.DESCEND, SortTarget.KEY, limit=count
         )
-        return [Record.from_json(kv.value) for kv in resp.kvs]
+        records = []
+        for kv in resp.kvs:
+            try:
+                records.append(Record.from_json(kv.value))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                log.warning(
+                    "unreadable operation record skipped",
+                    key=kv.key.decode(errors="replace"),
+                    error=type(exc).__name__,
+                )
+        return records
 
     async def unfinished_records(self) -> list[Record]:
         return [r for r in await self.get_records(10) if r.status in ("new", "running")]

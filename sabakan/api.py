@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from cke.common.logs import get_logger
 from sabakan.model import (
+    MAX_BODY_BYTES,
     InputError,
     Machine,
     MachineState,
@@ -28,8 +29,9 @@ from sabakan.model import (
     parse_machines,
     parse_retire_date,
     parse_state,
+    parse_state_body,
 )
-from sabakan.storage import Actor, ConflictError, NotFoundError, Storage
+from sabakan.storage import Actor, ConflictError, NotFoundError, Storage, rpc_status
 
 log = get_logger("sabakan.api")
 
@@ -112,6 +114,50 @@ def _allowed(request: web.Request) -> bool:
     return any(ip in net for net in request.app[ALLOW_KEY])
 
 
+# Reads that need the same credentials as a mutation: the audit log names users and
+# addresses and holds every before/after.
+PROTECTED_READS = frozenset({"/api/v1/logs"})
+
+
+def _etcd_rpc_error(request: web.Request, code: str, detail: str) -> web.Response:
+    """A gRPC status etcd3aio passes through (it maps only auth and transient codes)."""
+    if "too large" in detail or code == "RESOURCE_EXHAUSTED":
+        log.error("etcd refused a large request", path=request.path, error=detail)
+        return error(
+            413,
+            "(body): the write is larger than etcd accepts (its --max-request-bytes); "
+            "send fewer machines or labels per request",
+        )
+    log.error("etcd error", path=request.path, code=code, error=detail)
+    return error(503, f"etcd: {code}")
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        if request.body_exists:  # also a chunked one: over the limit is a 413 everywhere
+            await request.read()  # (kept: the handler's read() gets the same bytes)
+        return await handler(request)
+    except InputError as exc:
+        return error(400, str(exc))
+    except NotFoundError as exc:
+        return error(404, str(exc))
+    except (ConflictError, TransitionError) as exc:
+        return error(409, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"(body): a request body may have at most {MAX_BODY_BYTES} bytes")
+    except web.HTTPException as exc:
+        return error(exc.status, exc.reason)
+    except EtcdError as exc:
+        log.error("etcd error", path=request.path, error=str(exc))
+        return error(503, f"etcd: {exc}")
+    except Exception as exc:  # never a traceback to the client
+        status = rpc_status(exc)
+        if status is not None:
+            return _etcd_rpc_error(request, *status)
+        log.error("internal error", path=request.path, error=f"{type(exc).__name__}: {exc}")
+        return error(500, "internal error (see the server log)")
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[METRICS_KEY]
@@ -119,23 +165,15 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     start = time.perf_counter()
     status = 500
     try:
-        if request.method not in ("GET", "HEAD", "OPTIONS") and not _allowed(request):
-            log.warning("refused mutation", remote=request.remote, path=request.path)
-            resp: web.StreamResponse = error(401, "mutation not allowed from this client")
+        mutation = request.method not in ("GET", "HEAD", "OPTIONS")
+        if (mutation or route in PROTECTED_READS) and not _allowed(request):
+            what = "mutation" if mutation else "reading the audit log"
+            log.warning(f"refused {what}", remote=request.remote, path=request.path)
+            resp: web.StreamResponse = error(401, f"{what} not allowed from this client")
+        elif request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            resp = error(413, f"(body): a request body may have at most {MAX_BODY_BYTES} bytes")
         else:
-            try:
-                resp = await handler(request)
-            except InputError as exc:
-                resp = error(400, str(exc))
-            except NotFoundError as exc:
-                resp = error(404, str(exc))
-            except (ConflictError, TransitionError) as exc:
-                resp = error(409, str(exc))
-            except web.HTTPException as exc:
-                resp = error(exc.status, exc.reason)
-            except EtcdError as exc:
-                log.error("etcd error", path=request.path, error=str(exc))
-                resp = error(503, f"etcd: {exc}")
+            resp = await _handle(request, handler)
         status = resp.status
         return resp
     finally:
@@ -200,7 +238,7 @@ async def get_state(request: web.Request) -> web.Response:
 
 async def put_state(request: web.Request) -> web.Response:
     serial = request.match_info["serial"]
-    target = parse_state(await request.text())
+    target = parse_state_body(await request.read())
     actor = _actor(request)
     machine = await request.app[STORAGE_KEY].set_state(serial, target, actor)
     log.info("state changed", serial=serial, state=target.value, user=actor.user)
@@ -270,7 +308,7 @@ async def get_metrics(request: web.Request) -> web.Response:
 def make_app(
     storage: Storage, allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
 ) -> web.Application:
-    app = web.Application(middlewares=[middleware], client_max_size=8 * 1024 * 1024)
+    app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY_BYTES)
     app[STORAGE_KEY] = storage
     app[ALLOW_KEY] = allow
     app[METRICS_KEY] = Metrics()

@@ -9,16 +9,15 @@ import ipaddress
 import signal
 import ssl
 import sys
-from pathlib import Path
 from typing import Any
 
-import yaml
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cke.common.durations import parse_duration
 from cke.common.etcd import ConfigError, EtcdSettings, format_validation_error, make_client
 from cke.common.logs import get_logger, setup_logging
+from cke.common.yamlfile import YAMLFileError, load_yaml
 from sabakan.api import LEADER_KEY, METRICS_KEY, STORAGE_KEY, get_metrics, make_app
 from sabakan.statesetter import Election, StateSetter, StateSetterConfig, new_name
 from sabakan.storage import Storage
@@ -26,6 +25,10 @@ from sabakan.storage import Storage
 log = get_logger("sabakan")
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Loopback unless asked: reads (machines, metrics) are open to anyone who can connect.
+# Give --http 0.0.0.0:10080 (upstream's default; configs/sabakan.yml does) for cke and
+# sabactl on other hosts, or serve them over --https with client certificates.
+DEFAULT_HTTP = "127.0.0.1:10080"
 
 
 class Config(BaseModel):
@@ -34,7 +37,7 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     etcd: EtcdSettings = Field(default_factory=lambda: EtcdSettings(prefix="/sabakan/"))
-    http: str = "0.0.0.0:10080"
+    http: str = DEFAULT_HTTP
     https: str = ""
     server_cert: str = Field(default="", alias="server-cert")
     server_key: str = Field(default="", alias="server-key")
@@ -80,7 +83,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--etcd-tls-ca")
     p.add_argument("--etcd-tls-cert")
     p.add_argument("--etcd-tls-key")
-    p.add_argument("--http", help="HTTP listen address (default 0.0.0.0:10080)")
+    p.add_argument("--http", help=f"HTTP listen address (default {DEFAULT_HTTP})")
     p.add_argument("--https", help="HTTPS listen address (needs --server-cert/--server-key)")
     p.add_argument("--server-cert")
     p.add_argument("--server-key")
@@ -97,11 +100,9 @@ def load_config(args: argparse.Namespace) -> Config:
     raw: dict[str, Any] = {}
     if args.config_file:
         try:
-            loaded = yaml.safe_load(Path(args.config_file).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"{args.config_file}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{args.config_file}: invalid YAML: {exc}") from exc
+            loaded = load_yaml(args.config_file) or {}
+        except YAMLFileError as exc:
+            raise ConfigError(str(exc)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{args.config_file}: want a mapping")
         raw = loaded
@@ -150,10 +151,23 @@ async def _prune_audit(storage: Storage, config: Config) -> None:
         await asyncio.sleep(60)
 
 
+async def _migrate(storage: Storage) -> None:
+    """Replace a layout-1 ``index`` (the whole registry in one key) with the marker.
+    Not fatal: the next registration or deletion does the same."""
+    try:
+        replaced = await asyncio.wait_for(storage.migrate(), 10)
+    except Exception as exc:
+        log.warning("etcd layout not checked at start", error=f"{type(exc).__name__}: {exc}")
+        return
+    if replaced:
+        log.info("etcd layout 1 index replaced by the layout 2 marker", old_bytes=replaced)
+
+
 async def serve(config: Config) -> None:
     client = make_client(config.etcd)
     await client.connect()
     storage = Storage(client, config.etcd.prefix)
+    await _migrate(storage)
     app = make_app(storage, config.networks())
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -20,10 +20,27 @@ from pydantic import (
 
 from cke.common.etcd import format_validation_error
 
-MAX_BATCH = 100
+# Caps on what a client may store (README, "Limits"). They bound every record and
+# every transaction: the largest machine record is about 27 KB, and the largest
+# registration transaction (a body of MAX_BODY_BYTES written as machine records plus
+# its audit record) stays well below etcd's default 1.5 MiB request limit.
+MAX_BODY_BYTES = 256 * 1024  # any request body
+MAX_BATCH = 100  # machines per registration
+MAX_LABELS = 64  # labels per machine (after a PUT merges them)
+MAX_LABEL_KEY = 128  # characters; room for a Kubernetes-style ``prefix/name``
+MAX_LABEL_VALUE = 256  # characters
+MAX_ADDRESSES = 16  # ipv4 and ipv6 addresses per machine, each (bmc has one of each)
+MAX_NAME = 128  # serial and role
+MAX_BMC_TYPE = 64
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,126}[A-Za-z0-9])?$")
+_BMC_TYPE_RE = re.compile(r"^[ -~]{0,64}$")  # printable ASCII
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,126}[A-Za-z0-9])?$")
 _LABEL_VALUE_RE = re.compile(r"^[-A-Za-z0-9_./:@+ ]{0,256}$")
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """``value`` for an error message: repr'd, cut to ``limit`` characters."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"
 
 
 class MachineState(StrEnum):
@@ -62,8 +79,17 @@ def parse_state(text: str) -> MachineState:
     except ValueError:
         names = ", ".join(s.value for s in MachineState)
         raise InputError(
-            f"state: invalid state name {text.strip()!r} (want one of {names})"
+            f"state: invalid state name {shown(text.strip())} (want one of {names})"
         ) from None
+
+
+def parse_state_body(body: bytes) -> MachineState:
+    """``PUT /api/v1/state``: the state name as plain (UTF-8) text."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("state: want a state name as UTF-8 text") from None
+    return parse_state(text)
 
 
 def check_transition(current: MachineState, target: MachineState) -> None:
@@ -81,7 +107,7 @@ def now() -> dt.datetime:
 
 def _check_name(value: str, what: str) -> str:
     if not _NAME_RE.match(value):
-        raise ValueError(f"invalid {what}: want letters, digits, '-', '_' or '.' (max 128)")
+        raise ValueError(f"invalid {what}: want letters, digits, '-', '_' or '.' (max {MAX_NAME})")
     return value
 
 
@@ -89,22 +115,43 @@ def _check_ipv4(value: str) -> str:
     try:
         return str(ipaddress.IPv4Address(value))
     except ValueError:
-        raise ValueError(f"invalid IPv4 address {value!r}") from None
+        raise ValueError(f"invalid IPv4 address {shown(value)}") from None
 
 
 def _check_ipv6(value: str) -> str:
     try:
         return str(ipaddress.IPv6Address(value))
     except ValueError:
-        raise ValueError(f"invalid IPv6 address {value!r}") from None
+        raise ValueError(f"invalid IPv6 address {shown(value)}") from None
+
+
+def _check_addresses(values: list[str], check: Any) -> list[str]:
+    if len(values) > MAX_ADDRESSES:
+        raise ValueError(f"at most {MAX_ADDRESSES} addresses per machine (got {len(values)})")
+    out = [check(v) for v in values]
+    if len(set(out)) != len(out):
+        raise ValueError("duplicate address in list")
+    return out
+
+
+def check_label_count(count: int) -> None:
+    if count > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels per machine (got {count})")
 
 
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    check_label_count(len(labels))
     for key, value in labels.items():
         if not _LABEL_KEY_RE.match(key):
-            raise ValueError(f"invalid label name {key!r}")
+            raise ValueError(
+                f"invalid label name {shown(key)}: want letters, digits, '-', '_', '.' or '/', "
+                f"starting and ending with a letter or digit, at most {MAX_LABEL_KEY} characters"
+            )
         if not _LABEL_VALUE_RE.match(value):
-            raise ValueError(f"invalid value for label {key!r}")
+            raise ValueError(
+                f"invalid value for label {shown(key)}: want letters, digits, spaces or "
+                f"'-_./:@+', at most {MAX_LABEL_VALUE} characters"
+            )
     return labels
 
 
@@ -155,18 +202,23 @@ class MachineInput(BaseModel):
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
         return check_labels(value)
 
+    @field_validator("bmc")
+    @classmethod
+    def _bmc(cls, value: BMC) -> BMC:
+        # Checked here, not in BMC: records stored before the cap must still load.
+        if not _BMC_TYPE_RE.match(value.type):
+            raise ValueError(f"type: want printable ASCII, at most {MAX_BMC_TYPE} characters")
+        return value
+
     @field_validator("ipv4")
     @classmethod
     def _ipv4(cls, value: list[str]) -> list[str]:
-        out = [_check_ipv4(v) for v in value]
-        if len(set(out)) != len(out):
-            raise ValueError("duplicate address in list")
-        return out
+        return _check_addresses(value, _check_ipv4)
 
     @field_validator("ipv6")
     @classmethod
     def _ipv6(cls, value: list[str]) -> list[str]:
-        return [_check_ipv6(v) for v in value]
+        return _check_addresses(value, _check_ipv6)
 
 
 class MachineSpec(BaseModel):
@@ -283,7 +335,7 @@ def parse_label_pairs(text: str) -> dict[str, str]:
             continue
         key, sep, value = part.partition("=")
         if not sep or not key:
-            raise InputError(f"labels: want k=v[,k2=v2], got {part!r}")
+            raise InputError(f"labels: want k=v[,k2=v2], got {shown(part)}")
         out[key] = value
     return out
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
+
+from cke.common.yamlfile import YAMLFileError, load_yaml
 
 DEFAULT_SERVER = "http://localhost:10080"
 FILTERS = ("serial", "rack", "role", "labels", "ipv4", "ipv6", "bmc-type", "state")
@@ -73,9 +74,9 @@ def _settings(args: argparse.Namespace) -> dict[str, str]:
     conf: dict[str, Any] = {}
     if args.config_file:
         try:
-            conf = yaml.safe_load(Path(args.config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise CLIError(f"{args.config_file}: {exc}") from exc
+            conf = load_yaml(args.config_file) or {}
+        except YAMLFileError as exc:
+            raise CLIError(str(exc)) from None
         if not isinstance(conf, dict):
             raise CLIError(f"{args.config_file}: want a mapping")
         unknown = set(conf) - {"server", "tls-ca", "tls-cert", "tls-key"}

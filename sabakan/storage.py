@@ -1,11 +1,28 @@
 """sabakan's etcd key layout and every transaction (one module, so the layout is in one place).
 
-Keys under the prefix (default ``/sabakan/``)::
+Keys under the prefix (default ``/sabakan/``), layout 2::
 
-    machines/<serial>          Machine JSON (spec + status)
-    index                      registry of serials, their IPv4 addresses and rack slots
+    machines/<serial>          Machine JSON (spec + status): the only record of a machine
+    index                      a fixed-size marker ``{"layout": 2}``; its mod revision
+                               guards registrations and deletions
     audit/<ns-time>-<rand>     one audit record (JSON) per change
     leader/<lease-id>          election candidates (the lowest create revision leads)
+
+No key grows with the number of machines. A registration reads every machine record
+at one etcd revision (in pages) to check serials and IPv4 addresses and to pick rack
+slots, and commits only if ``index`` was not written since that revision; every
+registration and deletion rewrites ``index`` in its own transaction, so two of them
+never both succeed on the same snapshot. A state, label or retire-date update cannot
+change a serial, an address or a slot, so it compares only its machine's own key.
+Every write carries its audit record in the same transaction.
+
+Layout 1 kept the whole registry (serials, addresses, slots) in ``index``: it grew by
+about 60-200 bytes per machine, and once it passed etcd's request limit (1.5 MiB by
+default) every registration and deletion failed. Its machine records are the same as
+layout 2's, so they are read as they are; ``migrate()`` (run by every replica on start,
+and in effect by the next registration or deletion) replaces the old ``index`` with the
+marker. A replica still running the old version then cannot parse ``index`` and
+refuses registrations and deletions instead of writing a stale registry.
 
 Every update is a compare-and-swap on the mod revision of the keys it read; a
 failed compare re-reads and re-checks, so concurrent writers never lose an update.
@@ -18,25 +35,35 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from etcd3aio import Etcd3Client, SortOrder, SortTarget, prefix_range_end
 from etcd3aio.kv import KVService
-from pydantic import BaseModel, ConfigDict, Field
 
+from cke.common.logs import get_logger
 from sabakan.model import (
+    InputError,
     Machine,
     MachineInput,
     MachineSpec,
     MachineState,
     MachineStatus,
+    check_label_count,
     check_transition,
     now,
     rfc3339,
 )
 
+log = get_logger("sabakan.storage")
+
 MAX_CAS_ATTEMPTS = 100
+LAYOUT = 2
+INDEX_MARKER = json.dumps({"layout": LAYOUT})
+# Machine records per range read. A record is at most about 27 KB under the input caps,
+# so a page stays below gRPC's default 4 MiB receive limit.
+PAGE = 100
+MAX_PAGES = 100_000
 
 
 class NotFoundError(LookupError):
@@ -55,22 +82,44 @@ class Actor:
     ip: str
 
 
-class _IndexEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    rack: int
-    index: int
-    ipv4: list[str] = Field(default_factory=list)
+@dataclass
+class _Registry:
+    """Serials, IPv4 owners and used rack slots, derived from the machine records."""
+
+    serials: set[str] = field(default_factory=set)
+    owners: dict[str, str] = field(default_factory=dict)
+    slots: dict[int, set[int]] = field(default_factory=dict)
+
+    def add(self, raw: bytes) -> None:
+        spec = json.loads(raw)["spec"]
+        serial = str(spec["serial"])
+        self.serials.add(serial)
+        for ip in spec.get("ipv4") or []:
+            self.owners[str(ip)] = serial
+        self.slots.setdefault(int(spec.get("rack", 0)), set()).add(
+            int(spec.get("index-in-rack", 0))
+        )
 
 
-class _Index(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    machines: dict[str, _IndexEntry] = Field(default_factory=dict)
+def rpc_status(exc: BaseException) -> tuple[str, str] | None:
+    """(status code name, details) of a gRPC error that etcd3aio passed through
+    unmapped (it maps only auth and transient codes), else None."""
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if not (callable(code) and callable(details)):
+        return None
+    try:
+        return str(code().name), str(details() or "")
+    except Exception:
+        return None
 
-    def owner_of_ipv4(self) -> dict[str, str]:
-        return {ip: serial for serial, e in self.machines.items() for ip in e.ipv4}
 
-    def used_slots(self, rack: int) -> set[int]:
-        return {e.index for e in self.machines.values() if e.rack == rack}
+def is_marker(raw: bytes) -> bool:
+    """True when ``index`` holds the layout-2 marker (not a layout-1 registry)."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and value.get("layout") == LAYOUT and len(value) == 1
 
 
 class Storage:
@@ -116,11 +165,38 @@ class Storage:
         return KVService.txn_op_put(key, json.dumps(record))
 
     # ---- reads
-    async def _read_index(self) -> tuple[_Index, int]:
-        resp = await self.kv.get(self.index_key)
-        if not resp.kvs:
-            return _Index(), 0
-        return _Index.model_validate_json(resp.kvs[0].value), int(resp.kvs[0].mod_revision)
+    async def _range_all(self, prefix: str) -> tuple[list[Any], int]:
+        """Every key under ``prefix`` at one etcd revision, read in pages of PAGE keys.
+
+        Returns the key-values (in key order) and that revision. A page at a
+        revision compacted meanwhile restarts the read at the newest revision."""
+        end = prefix_range_end(prefix.encode())
+        for _attempt in range(3):
+            start, revision, out = prefix.encode(), 0, list[Any]()
+            try:
+                for _ in range(MAX_PAGES):
+                    resp = await self.kv.get(start, range_end=end, revision=revision, limit=PAGE)
+                    revision = revision or int(resp.header.revision)
+                    out.extend(resp.kvs)
+                    if not resp.more or not resp.kvs:
+                        return out, revision
+                    start = resp.kvs[-1].key + b"\0"
+                raise RuntimeError(f"{prefix}: more than {PAGE * MAX_PAGES} keys")
+            except Exception as exc:
+                status = rpc_status(exc)
+                if status is None or status[0] != "OUT_OF_RANGE":  # compacted
+                    raise
+        raise ConflictError("the store was compacted during every read; try again")
+
+    async def _snapshot(self) -> tuple[_Registry, int]:
+        """The registry derived from all machine records, and the mod revision of
+        ``index`` at the same etcd revision (0 when it does not exist)."""
+        kvs, revision = await self._range_all(f"{self.prefix}machines/")
+        registry = _Registry()
+        for kv in kvs:
+            registry.add(kv.value)
+        resp = await self.kv.get(self.index_key, revision=revision)
+        return registry, int(resp.kvs[0].mod_revision) if resp.kvs else 0
 
     async def get(self, serial: str) -> tuple[Machine, int]:
         resp = await self.kv.get(self.machine_key(serial))
@@ -129,27 +205,54 @@ class Storage:
         return Machine.load(resp.kvs[0].value), int(resp.kvs[0].mod_revision)
 
     async def list_machines(self) -> list[Machine]:
-        start = f"{self.prefix}machines/"
-        resp = await self.kv.get(start, range_end=prefix_range_end(start.encode()))
-        return [Machine.load(kv.value) for kv in resp.kvs]
+        """Every machine that can be read.  A damaged record (written by hand, or by a
+        bug) is logged and left out, so that it cannot stop the listing for everyone,
+        nor the state setter's health checks of every other machine."""
+        kvs, _ = await self._range_all(f"{self.prefix}machines/")
+        machines = []
+        for kv in kvs:
+            try:
+                machines.append(Machine.load(kv.value))
+            except ValueError as exc:
+                log.warning(
+                    "unreadable machine record skipped",
+                    key=kv.key.decode(errors="replace"),
+                    error=type(exc).__name__,
+                )
+        return machines
+
+    # ---- layout
+    async def migrate(self) -> int:
+        """Put the layout-2 marker in ``index`` if it is missing or holds a layout-1
+        registry; returns the size in bytes of the registry it replaced (0: none)."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            resp = await self.kv.get(self.index_key)
+            if resp.kvs and is_marker(resp.kvs[0].value):
+                return 0
+            rev = int(resp.kvs[0].mod_revision) if resp.kvs else 0
+            ops = [KVService.txn_op_put(self.index_key, INDEX_MARKER)]
+            if (
+                await self.kv.txn(compare=[_mod_revision_is(self.index_key, rev)], success=ops)
+            ).succeeded:
+                return len(resp.kvs[0].value) if resp.kvs else 0
+        raise ConflictError("index is too busy; try again")
 
     # ---- registration and removal
     async def register(self, inputs: list[MachineInput], actor: Actor) -> list[Machine]:
-        """All machines or none, in one transaction guarded by the registry's revision."""
+        """All machines or none, in one transaction guarded by ``index``'s revision."""
         for _ in range(MAX_CAS_ATTEMPTS):
-            index, rev = await self._read_index()
-            owners = index.owner_of_ipv4()
+            registry, rev = await self._snapshot()
             for i, m in enumerate(inputs):
-                if m.serial in index.machines:
+                if m.serial in registry.serials:
                     raise ConflictError(f"[{i}].serial: machine {m.serial} already exists")
                 for ip in m.ipv4:
-                    if ip in owners:
-                        raise ConflictError(f"[{i}].ipv4: address {ip} is used by {owners[ip]}")
+                    if ip in registry.owners:
+                        owner = registry.owners[ip]
+                        raise ConflictError(f"[{i}].ipv4: address {ip} is used by {owner}")
             when = now()
             machines: list[Machine] = []
-            taken: dict[int, set[int]] = {}
             for m in inputs:
-                used = taken.setdefault(m.rack, index.used_slots(m.rack))
+                used = registry.slots.setdefault(m.rack, set())
                 slot = next(n for n in range(1, len(used) + 2) if n not in used)
                 used.add(slot)
                 spec = MachineSpec.model_validate(
@@ -160,8 +263,7 @@ class Storage:
                     }
                 )
                 machines.append(Machine(spec=spec, status=MachineStatus(timestamp=when)))
-                index.machines[m.serial] = _IndexEntry(rack=m.rack, index=slot, ipv4=m.ipv4)
-            ops = [KVService.txn_op_put(self.index_key, index.model_dump_json())]
+            ops = [KVService.txn_op_put(self.index_key, INDEX_MARKER)]
             ops += [
                 KVService.txn_op_put(self.machine_key(x.spec.serial), x.dump()) for x in machines
             ]
@@ -182,7 +284,7 @@ class Storage:
         raise ConflictError("registry is too busy; try again")
 
     async def delete(self, serial: str, actor: Actor) -> None:
-        """Remove a retired machine, its addresses and its rack slot in one transaction."""
+        """Remove a retired machine (and so its addresses and rack slot) in one transaction."""
         for _ in range(MAX_CAS_ATTEMPTS):
             machine, mrev = await self.get(serial)
             if machine.status.state != MachineState.RETIRED:
@@ -190,10 +292,10 @@ class Storage:
                     f"machine {serial} is {machine.status.state.value}; "
                     "only a retired machine may be deleted"
                 )
-            index, irev = await self._read_index()
-            index.machines.pop(serial, None)
+            resp = await self.kv.get(self.index_key)
+            irev = int(resp.kvs[0].mod_revision) if resp.kvs else 0
             ops = [
-                KVService.txn_op_put(self.index_key, index.model_dump_json()),
+                KVService.txn_op_put(self.index_key, INDEX_MARKER),
                 KVService.txn_op_delete(self.machine_key(serial)),
                 self._audit_op(actor, "delete", serial, machine.to_api()["spec"], None, now()),
             ]
@@ -267,6 +369,11 @@ class Storage:
     async def put_labels(self, serial: str, labels: dict[str, str], actor: Actor) -> Machine:
         def change(m: Machine) -> tuple[Machine, Any, Any]:
             merged = {**m.spec.labels, **labels}
+            if len(merged) > len(m.spec.labels):  # a machine stored before the cap keeps its labels
+                try:
+                    check_label_count(len(merged))
+                except ValueError as exc:
+                    raise InputError(f"labels: {exc}") from None
             new = m.model_copy(update={"spec": m.spec.model_copy(update={"labels": merged})})
             return new, m.spec.labels, merged
 

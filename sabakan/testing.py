@@ -27,6 +27,7 @@ class SabakanProcess:
         args: list[str] | None = None,
     ) -> None:
         self.directory = directory
+        self.settings = etcd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config: dict[str, Any] = {

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
 from etcd3aio import Etcd3Client
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cke.common.durations import parse_duration
+from cke.common.yamlfile import YAMLFileError, load_yaml
 
 
 class ConfigError(ValueError):
@@ -73,11 +73,9 @@ class EtcdSettings(BaseModel):
 def load_etcd_settings(path: str | Path) -> EtcdSettings:
     """Read an etcdutil-style YAML file; errors name the file and the field."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raw = load_yaml(str(path)) or {}
+    except YAMLFileError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: want a mapping of etcd settings")
     try:

@@ -169,3 +169,10 @@ class StructLogger:
 
 def get_logger(name: str) -> StructLogger:
     return StructLogger(name)
+
+
+def error_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line for a log field or an operator's message: gRPC and
+    Vault errors span many lines, and a log event must stay on one."""
+    lines = str(exc).splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__

@@ -75,6 +75,15 @@ class NodePool:
         self._conns[node.address] = (private, host_key, conn)
         return conn
 
+    def host_key_of(self, address: str) -> str | None:
+        """The host key the connection to ``address`` verified (None: no connection yet).
+
+        Two addresses with one host key are one machine (or machines that share their
+        identity): the decision refuses to act on either.
+        """
+        cached = self._conns.get(address)
+        return cached[1] if cached is not None else None
+
     async def run(
         self,
         node: Node,

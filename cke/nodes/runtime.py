@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cke.common.fields import binary_path_problem, env_name_problem
 from cke.nodes.ssh import CommandResult, NodeConnection
 
 STATE_DIR = "/var/lib/cke"
@@ -48,9 +49,6 @@ _RUNTIME_DIRS = frozenset({SPEC_DIR, RUN_DIR, LOG_DIR})
 
 # Service names end up in paths, unit names and shell words: keep them plain.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# The executable goes unquoted-safe into ExecStart's first word and into paths.
-_BINARY_RE = re.compile(r"/[A-Za-z0-9_.+@/-]*")
-_ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 # How long a started process must stay alive before start counts as a success.
 _SETTLE_SECONDS = "0.3"
@@ -112,14 +110,18 @@ class ServiceSpec:
 
     def __post_init__(self) -> None:
         _check_name(self.name)
-        if not _BINARY_RE.fullmatch(self.binary) or posixpath.normpath(self.binary) != self.binary:
-            raise ValueError(f"binary must be a plain absolute path, got {self.binary!r}")
+        # The cluster validator applies the same checks (cke.common.fields), so a stored
+        # cluster never gets here with a value that raises.
+        problem = binary_path_problem(self.binary)
+        if problem is not None:
+            raise ValueError(f"{self.name}: binary {problem}")
         for arg in (*self.args, *self.start_args):
             if "\0" in arg:
                 raise ValueError(f"{self.name}: argument contains NUL")
         for key, value in self.env:
-            if not _ENV_KEY_RE.fullmatch(key):
-                raise ValueError(f"{self.name}: invalid environment variable name {key!r}")
+            problem = env_name_problem(key)
+            if problem is not None:
+                raise ValueError(f"{self.name}: environment variable {problem}")
             if "\0" in value:
                 raise ValueError(f"{self.name}: environment value of {key} contains NUL")
         paths = [f.path for f in self.files]
@@ -448,11 +450,15 @@ class ProcessRuntime(Runtime):
                 f'printf "%s cke: starting %s (spec %s)\\n" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"'
                 f' "$cke_name" {_q(spec.digest())} >>"$cke_log"',
                 "(",
+                # Redirect and keep setsid's path in "$1" before any variable of the
+                # spec is set: nothing the spec's environment names can change them.
+                '\texec >>"$cke_log" 2>&1 </dev/null',
+                '\tset -- "$cke_setsid"',
                 "\tfor cke_v in $(env | sed -n 's/^\\([A-Za-z_][A-Za-z0-9_]*\\)=.*/\\1/p'); do",
                 '\t\tcommand unset "$cke_v" 2>/dev/null',
                 "\tdone",
                 *[f"\t{line}" for line in exports],
-                f'\texec "$cke_setsid" {command} >>"$cke_log" 2>&1 </dev/null',
+                f'\texec "$1" {command}',
                 ") &",
                 "cke_new=$!",
                 'cke_new_start=$(cke_proc_stat "$cke_new" | cut -d" " -f2)',

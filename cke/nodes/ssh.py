@@ -8,6 +8,8 @@ place where an unknown key is read, so that a caller can pin it on first contact
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 from dataclasses import dataclass
 
 import asyncssh
@@ -40,6 +42,14 @@ class NodeAddress:
 
     def __str__(self) -> str:
         return f"{self.user}@{self.address}:{self.port}"
+
+
+def host_key_fingerprint(key: str) -> str:
+    """OpenSSH's ``SHA256:...`` fingerprint of a one-line public key (``type base64 ...``)."""
+    fields = key.split()
+    blob = base64.b64decode(fields[1]) if len(fields) > 1 else key.encode()
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}"
 
 
 async def fetch_host_key(target: NodeAddress, timeout: float = 10.0) -> str:

@@ -16,7 +16,7 @@ from etcd3aio import EtcdError
 from cke.cluster import Cluster, Node
 from cke.etcdadmin import EtcdAdmin
 from cke.nodes.pool import NodePool
-from cke.nodes.runtime import NodeFile, Runtime, ServiceSpec
+from cke.nodes.runtime import NodeFile, Runtime, ServiceSpec, spec_path
 from cke.op.base import Commander, CommandInfo, OpContext, Operator
 from cke.pki import CertIssuer
 from cke.server.clusterstatus import EtcdMember
@@ -198,6 +198,55 @@ class StopEtcd(_Command):
     async def run(self, ctx: OpContext) -> None:
         t = tools(ctx)
         await run_script_on(t.pool, self.node, t.runtime.stop_script(ETCD_SERVICE))
+
+
+def recorded_peer_url_sh() -> str:
+    """Shell that prints ``cke-etcd-peer=URL``: the peer URL in the node's etcd spec record,
+    i.e. which member the etcd data on the node belongs to (nothing if there is none)."""
+    spec = spec_path(ETCD_SERVICE)
+    return (
+        f"if [ -f {spec} ]; then sed -n "
+        '\'s/.*"--initial-advertise-peer-urls=\\([^"]*\\)".*/cke-etcd-peer=\\1/p\' '
+        f"{spec} | head -n 1; fi\n"
+    )
+
+
+PEER_MARK = b"cke-etcd-peer="
+
+
+def parse_recorded_peer_url(output: bytes) -> str | None:
+    for line in output.splitlines():
+        if line.startswith(PEER_MARK):
+            return line[len(PEER_MARK) :].decode(errors="replace").strip()[:300] or None
+    return None
+
+
+class CheckEtcdDataOwner(_Command):
+    """Right before a node's etcd is stopped and its data wiped: refuse when the data
+    belongs to a current member (its spec record names that member's peer URL), or when
+    the membership cannot be read.  The decision checked this on the collected status;
+    this checks it again at the moment it matters, with a fresh member list."""
+
+    def __init__(self, node: Node, ask: list[str]) -> None:
+        super().__init__("check-etcd-data-owner", node.address)
+        self.node = node
+        self.ask = ask
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        st = await t.admin.status(self.ask)
+        if not st.reachable:
+            raise RuntimeError("etcd membership is unknown (no member answers); data kept")
+        result = await t.pool.run(self.node, "sh -s", input=recorded_peer_url_sh().encode())
+        if not result.ok:
+            raise RuntimeError(f"{self.node.address}: cannot read the etcd spec record")
+        peer = parse_recorded_peer_url(result.stdout)
+        for m in st.members:
+            if m.address == self.node.address or (peer is not None and peer in m.peer_urls):
+                raise RuntimeError(
+                    f"the etcd data on {self.node.address} belongs to member {m.address} "
+                    f"({m.id:x}), which is still a member; data kept"
+                )
 
 
 class DestroyEtcdData(_Command):
@@ -407,6 +456,7 @@ class EtcdAddMemberOp(StepOperator):
         via = [m.address for m in members if m.healthy and not m.learner]
         steps: list[Commander] = [
             IssueEtcdCerts([node], bundle),
+            CheckEtcdDataOwner(node, via),
             StopEtcd(node),
             DestroyEtcdData(node),
             WriteEtcdCerts(node, bundle),
@@ -446,6 +496,9 @@ class EtcdRemoveMemberOp(StepOperator):
             steps.append(MoveLeader(member, move_leader_to))
         steps.append(RemoveMember(member, others or [member.address]))
         if node is not None:
+            ask = [a for a in others if a != member.address]
+            if ask:
+                steps.append(CheckEtcdDataOwner(node, ask))
             steps += [StopEtcd(node), DestroyEtcdData(node)]
         super().__init__("etcd-remove-member", [member.address], steps)
 
@@ -453,11 +506,11 @@ class EtcdRemoveMemberOp(StepOperator):
 class EtcdDestroyDataOp(StepOperator):
     """Stop etcd on a node that is not a member and wipe its data directory."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, ask: list[str]) -> None:
         self.node = node
-        super().__init__(
-            "etcd-destroy-data", [node.address], [StopEtcd(node), DestroyEtcdData(node)]
-        )
+        steps: list[Commander] = [CheckEtcdDataOwner(node, ask), StopEtcd(node)]
+        steps.append(DestroyEtcdData(node))
+        super().__init__("etcd-destroy-data", [node.address], steps)
 
 
 class EtcdRestartOp(StepOperator):

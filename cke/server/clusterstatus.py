@@ -22,6 +22,10 @@ class NodeStatus:
     etcd_running: bool = False
     etcd_digest: str | None = None  # spec digest the running etcd was started with
     etcd_has_data: bool = False  # /var/lib/cke/etcd/member exists
+    # The machine's identity: the fingerprint of the SSH host key cke verified.
+    identity: str | None = None
+    # The peer URL in the node's etcd spec record: which member the data there belongs to.
+    etcd_peer_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class EtcdMember:
     healthy: bool = False  # its endpoint answered a status request
     raft_index: int = 0  # raft applied index reported by the member
     leader: bool = False
+    peer_urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -5,28 +5,37 @@ from __future__ import annotations
 import asyncio
 
 from cke.cluster import Cluster, Node
-from cke.common.logs import get_logger
+from cke.common.logs import error_line, get_logger
 from cke.etcdadmin import EtcdAdmin
 from cke.nodes.pool import NodePool
 from cke.nodes.runtime import Runtime
-from cke.nodes.ssh import HostKeyMismatch, SSHError
-from cke.op.etcd import ETCD_DATA_DIR, ETCD_SERVICE
+from cke.nodes.ssh import HostKeyMismatch, SSHError, host_key_fingerprint
+from cke.op.etcd import (
+    ETCD_DATA_DIR,
+    ETCD_SERVICE,
+    PEER_MARK,
+    parse_recorded_peer_url,
+    recorded_peer_url_sh,
+)
 from cke.server.clusterstatus import ClusterStatus, EtcdStatus, NodeStatus
 
 log = get_logger("cke.collect")
 
 _DATA_MARK = b"cke-etcd-data="
+_MARKS = (_DATA_MARK, PEER_MARK)
 STATUS_TIMEOUT = 15.0
 
 
 def node_status_script(runtime: Runtime) -> bytes:
-    """One script per node: the services' status, then whether etcd has data."""
+    """One script per node: the services' status, whether etcd has data, and the peer URL
+    its spec record names (the member that data belongs to)."""
     return (
         runtime.status_script([ETCD_SERVICE])
         + (
             f"\nif [ -d {ETCD_DATA_DIR}/member ]; then echo cke-etcd-data=1; "
             "else echo cke-etcd-data=0; fi\n"
         ).encode()
+        + recorded_peer_url_sh().encode()
     )
 
 
@@ -40,6 +49,9 @@ async def collect_node(pool: NodePool, runtime: Runtime, node: Node) -> NodeStat
     except (SSHError, OSError, TimeoutError) as exc:
         log.debug("node unreachable", node=node.address, error=str(exc))
         return NodeStatus(node.address, ssh_ok=False)
+    except Exception as exc:  # one node's surprise must not blind cke to the others
+        log.warning("node status failed", node=node.address, error=f"{type(exc).__name__}: {exc}")
+        return NodeStatus(node.address, ssh_ok=False)
     if not result.ok:
         log.warning(
             "status script failed",
@@ -49,15 +61,26 @@ async def collect_node(pool: NodePool, runtime: Runtime, node: Node) -> NodeStat
         return NodeStatus(node.address, ssh_ok=False)
     lines = result.stdout.splitlines()
     has_data = any(line.strip() == _DATA_MARK + b"1" for line in lines)
-    body = b"\n".join(line for line in lines if not line.startswith(_DATA_MARK))
-    state = runtime.parse_status(body, [ETCD_SERVICE]).get(ETCD_SERVICE)
+    body = b"\n".join(line for line in lines if not line.startswith(_MARKS))
+    try:
+        state = runtime.parse_status(body, [ETCD_SERVICE]).get(ETCD_SERVICE)
+    except ValueError as exc:  # cut short or garbled: the state is unknown, not "stopped"
+        log.warning("node status unreadable", node=node.address, error=str(exc))
+        return NodeStatus(node.address, ssh_ok=False)
     return NodeStatus(
         node.address,
         ssh_ok=True,
         etcd_running=bool(state and state.running),
         etcd_digest=state.digest if state else None,
         etcd_has_data=has_data,
+        identity=_identity(pool, node),
+        etcd_peer_url=parse_recorded_peer_url(result.stdout),
     )
+
+
+def _identity(pool: NodePool, node: Node) -> str | None:
+    key = pool.host_key_of(node.address)
+    return host_key_fingerprint(key) if key else None
 
 
 async def collect(
@@ -74,5 +97,5 @@ async def collect(
         try:
             etcd = await admin.status(addresses)
         except Exception as exc:  # Vault or certificates not ready: etcd state unknown
-            log.warning("etcd status unavailable", error=str(exc).splitlines()[0][:200])
+            log.warning("etcd status unavailable", error=error_line(exc, 200))
     return ClusterStatus(nodes=nodes, etcd=etcd)

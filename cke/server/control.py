@@ -25,7 +25,7 @@ from cke.cluster import (
     constraints_from_json,
     validate_cluster,
 )
-from cke.common.logs import get_logger
+from cke.common.logs import error_line, get_logger
 from cke.nodes.runtime import runtime_for
 from cke.op.base import OpContext
 from cke.pki import CertIssuer
@@ -45,7 +45,9 @@ from cke.storage import (
     NotLeader,
     Status,
     Storage,
+    UnreadableValue,
     now_rfc3339,
+    stored_text,
 )
 from cke.vault import VaultError, VaultSession
 
@@ -68,6 +70,32 @@ def report_host_key_mismatches(decision: Decision, status: ClusterStatus) -> Dec
     if blocked is None:
         return decision
     return Decision(decision.operators, decision.phase, [*decision.blocked, blocked])
+
+
+RULE_VALID_CONFIGURATION = "valid-configuration"
+RULE_DECISION_SUCCEEDS = "decision-succeeds"
+
+
+def decide_safely(
+    cluster: Cluster | None, constraints: Constraints, status: ClusterStatus
+) -> Decision:
+    """``decide`` plus the host-key report; an exception becomes a held-back decision.
+
+    The validator keeps every value the decision uses in shape, so this is the last
+    line of defence against a bug: the replica keeps leading (and keeps reporting),
+    changes nothing, and says what failed.
+    """
+    try:
+        return report_host_key_mismatches(decide(cluster, constraints, status), status)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {error_line(exc)}"
+        log.error("the decision failed; nothing is changed", error=error)
+        blocked = Blocked(
+            RULE_DECISION_SUCCEEDS,
+            f"the decision failed ({error}); cke changes nothing until it succeeds. "
+            "Check the cluster configuration and report this as a bug.",
+        )
+        return Decision([], Phase.DECISION_FAILED, [blocked])
 
 
 class Stopped(Exception):
@@ -131,9 +159,18 @@ class Server:
             except (NotLeader, LeadershipLost) as exc:
                 log.warning("stepping down", reason=str(exc))
             except EtcdError as exc:
-                log.error("etcd error; campaigning again", error=str(exc).splitlines()[0])
+                log.error("etcd error; campaigning again", error=error_line(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop_requested.wait(), 1.0)
+            except Exception as exc:
+                # A bug must not take the replica down (restarting would meet it again):
+                # say what it was, step down so another replica may lead, and try again.
+                log.error(
+                    "unexpected error; stepping down and campaigning again",
+                    error=f"{type(exc).__name__}: {error_line(exc)}",
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_requested.wait(), 2.0)
             finally:
                 was_leader = election.leader_key is not None
                 self.metrics.leader.set(0)
@@ -155,7 +192,7 @@ class Server:
                 try:
                     decision = await self.step(leader)
                 except EtcdError as exc:
-                    log.error("etcd error in the control loop", error=str(exc).splitlines()[0])
+                    log.error("etcd error in the control loop", error=error_line(exc))
                     await asyncio.sleep(1.0)
                     continue
                 if decision.operators:
@@ -164,6 +201,10 @@ class Server:
                     try:
                         ctx = self.op_context()
                         record = await run_operation(self.storage, leader, operator, ctx)
+                    except EtcdError as exc:
+                        log.error("etcd error while recording an operation", error=error_line(exc))
+                        await asyncio.sleep(1.0)
+                        continue
                     finally:
                         self.metrics.progressing.set(0)
                     outcome = "error" if record.error else "ok"
@@ -215,14 +256,13 @@ class Server:
         self._cluster_revision = cluster_raw.mod_revision
         constraints_raw = await self.storage.get_constraints()
         try:
-            constraints = constraints_from_json(
-                constraints_raw.value.decode() if constraints_raw.value else None
-            )
-            cluster = cluster_from_json(cluster_raw.value.decode()) if cluster_raw.value else None
+            constraints = constraints_from_json(stored_text(constraints_raw.value, "constraints"))
+            cluster_text = stored_text(cluster_raw.value, "cluster")
+            cluster = cluster_from_json(cluster_text) if cluster_text else None
             if cluster is not None:
                 validate_cluster(cluster, constraints)
-        except ClusterError as exc:
-            blocked = Blocked("valid-configuration", f"stored configuration is invalid: {exc}")
+        except (ClusterError, UnreadableValue) as exc:
+            blocked = Blocked(RULE_VALID_CONFIGURATION, f"stored configuration is invalid: {exc}")
             return None, Constraints(), [blocked]
         return cluster, constraints, []
 
@@ -252,8 +292,7 @@ class Server:
             decision = Decision([], Phase.ETCD_WAIT, [blocked])
         else:
             status = await self.collect_status(cluster)
-            decision = decide(cluster, constraints, status)
-            decision = report_host_key_mismatches(decision, status)
+            decision = decide_safely(cluster, constraints, status)
             if status.etcd.reachable:
                 etcd_members = sorted(m.address for m in status.etcd.voters)
         previous = await self.storage.get_status()

@@ -16,7 +16,7 @@ import time
 
 from etcd3aio import Etcd3Client, EtcdError
 
-from cke.common.logs import get_logger
+from cke.common.logs import error_line, get_logger
 from cke.storage import KEY_LEADER_PREFIX, LeaderKey, Storage
 
 log = get_logger("cke.election")
@@ -109,7 +109,7 @@ class Election:
                 log.warning("lease renewal failed", error=str(exc) or type(exc).__name__)
                 continue
             except Exception as exc:  # grpc errors surface as AioRpcError
-                log.warning("lease renewal failed", error=str(exc).splitlines()[0][:200])
+                log.warning("lease renewal failed", error=error_line(exc, 200))
                 continue
             if time.monotonic() - last_renewal >= self.ttl:
                 # The renewal came back, but our own clock says the lease may have

@@ -25,6 +25,8 @@ class Phase(StrEnum):
     COMPLETED = "completed"
     # Not CKE's: the stored cluster or constraints cannot be used (see status.blocked).
     CONFIG_INVALID = "config-invalid"
+    # Not CKE's: the decision raised (a bug); nothing is changed (see status.blocked).
+    DECISION_FAILED = "decision-failed"
     # Not CKE's: there is no cluster configuration yet.
     WAITING_FOR_CLUSTER = "waiting-for-cluster"
 

@@ -10,6 +10,7 @@ Rule names:
 
 ==============================  =====================================================
 ``host-key-verified``           a node that presented another host key gets nothing
+``one-entry-per-machine``       two entries that reach one machine get nothing
 ``all-control-planes-reachable`` (1) no bootstrap / membership change with a desired
                                 control plane unreachable
 ``cluster-healthy-and-in-sync`` (2) membership changes need a leader and every other
@@ -39,6 +40,7 @@ __all__ = [
     "RULE_KEEP_QUORUM",
     "RULE_LEADER_MOVED_FIRST",
     "RULE_LEARNER_CAUGHT_UP",
+    "RULE_ONE_ENTRY_PER_MACHINE",
     "Blocked",
     "all_control_planes_reachable",
     "check_control_plane_change",
@@ -50,10 +52,13 @@ __all__ = [
     "leader_moved_first",
     "leader_transfer_target",
     "learner_caught_up",
+    "one_entry_per_machine",
     "quorum",
+    "same_machine_addresses",
 ]
 
 RULE_HOST_KEY_VERIFIED = "host-key-verified"
+RULE_ONE_ENTRY_PER_MACHINE = "one-entry-per-machine"
 RULE_ALL_CONTROL_PLANES_REACHABLE = "all-control-planes-reachable"
 RULE_CLUSTER_HEALTHY_AND_IN_SYNC = "cluster-healthy-and-in-sync"
 RULE_KEEP_QUORUM = "keep-quorum"
@@ -108,6 +113,47 @@ def host_key_verified(status: ClusterStatus, addresses: Iterable[str]) -> Blocke
         "Verify the machine; then fix host_key in the cluster configuration, or delete "
         "the key pinned at first contact (hostkeys/<address> under cke's prefix).",
         tuple(bad),
+    )
+
+
+# ---------------------------------------------------------------------------
+# one-entry-per-machine: two cluster entries whose addresses reach one machine (a
+# second NIC, a forwarded port) would be managed as two nodes: etcd data that one
+# entry owns looks stale through the other, and gets wiped.  A machine is known by
+# the host key cke verified; entries that share it get nothing until the
+# configuration is fixed.
+# ---------------------------------------------------------------------------
+
+
+def same_machine_addresses(status: ClusterStatus) -> frozenset[str]:
+    """The addresses whose verified host key another address of the status also has."""
+    by_identity: dict[str, list[str]] = {}
+    for ns in status.nodes.values():
+        if ns.identity is not None and ns.ssh_ok:
+            by_identity.setdefault(ns.identity, []).append(ns.address)
+    return frozenset(a for group in by_identity.values() if len(group) > 1 for a in group)
+
+
+def one_entry_per_machine(status: ClusterStatus, addresses: Iterable[str]) -> Blocked | None:
+    """Refuse when any of ``addresses`` reaches the same machine as another node entry."""
+    shared = same_machine_addresses(status)
+    involved = {a for a in addresses if a in shared}
+    if not involved:
+        return None
+    groups: dict[str, list[str]] = {}
+    for address in sorted(shared):
+        identity = status.nodes[address].identity
+        assert identity is not None
+        groups.setdefault(identity, []).append(address)
+    named = [g for g in groups.values() if involved & set(g)]
+    nodes = tuple(sorted({a for g in named for a in g}))
+    listing = "; ".join(_names(g) for g in named)
+    return Blocked(
+        RULE_ONE_ENTRY_PER_MACHINE,
+        f"node entries {listing} reach one machine (the same SSH host key); cke sends "
+        "them nothing and changes no etcd membership. Keep one entry per machine in "
+        "the cluster configuration.",
+        nodes,
     )
 
 
@@ -213,7 +259,12 @@ def keep_quorum(status: ClusterStatus, member: EtcdMember, *, removing: bool) ->
 
 
 def destroy_only_non_members(status: ClusterStatus, address: str) -> Blocked | None:
-    """Refuse to wipe the etcd data of ``address`` unless it is known not to be a member."""
+    """Refuse to wipe the etcd data of ``address`` unless it is known not to be a member.
+
+    The data belongs to the member its spec record names (the peer URL etcd was started
+    with there): if that is a current member's, the node is that member's machine under
+    another address, and the data is a live replica.
+    """
     if not status.etcd.reachable:
         return Blocked(
             RULE_DESTROY_ONLY_NON_MEMBERS,
@@ -226,6 +277,26 @@ def destroy_only_non_members(status: ClusterStatus, address: str) -> Blocked | N
             f"{address} is still an etcd member; its data is wiped only after it is removed.",
             (address,),
         )
+    ns = status.nodes.get(address)
+    owner = member_of_peer_url(status.etcd, ns.etcd_peer_url if ns else None)
+    if owner is not None:
+        return Blocked(
+            RULE_DESTROY_ONLY_NON_MEMBERS,
+            f"the etcd data on {address} was started as member {owner.address}, which is "
+            f"still a member ({owner.id:x}); the data is kept. Is {address} the same machine "
+            f"as {owner.address}?",
+            tuple(sorted({address, owner.address})),
+        )
+    return None
+
+
+def member_of_peer_url(etcd: EtcdStatus, peer_url: str | None) -> EtcdMember | None:
+    """The current member whose peer URL is ``peer_url`` (None for none or unknown)."""
+    if not peer_url:
+        return None
+    for m in etcd.members:
+        if peer_url in m.peer_urls:
+            return m
     return None
 
 

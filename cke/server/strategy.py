@@ -67,6 +67,8 @@ from cke.server.safety import (
     leader_moved_first,
     leader_transfer_target,
     learner_caught_up,
+    one_entry_per_machine,
+    same_machine_addresses,
 )
 
 __all__ = [
@@ -139,6 +141,9 @@ class _Etcd:
         self.nodes = {n.address: n for n in cluster.nodes}
         self.control_planes = sorted(cluster.control_planes, key=lambda n: n.address)
         self.cp_addresses = frozenset(n.address for n in self.control_planes)
+        self.all_addresses = sorted(self.nodes)
+        # Entries that reach one machine are left alone (one-entry-per-machine).
+        self.same_machine = same_machine_addresses(status)
         self.blocks = _Blocks()
 
     # -- node state --------------------------------------------------------
@@ -152,7 +157,12 @@ class _Etcd:
         Unknown nodes (missing from the status) count as unreachable.
         """
         ns = self.ns(address)
-        return ns is not None and ns.ssh_ok and not ns.host_key_mismatch
+        return (
+            ns is not None
+            and ns.ssh_ok
+            and not ns.host_key_mismatch
+            and address not in self.same_machine
+        )
 
     def mismatched(self, address: str) -> bool:
         ns = self.ns(address)
@@ -162,6 +172,7 @@ class _Etcd:
         """The nodes that may be sent commands; the host-key mismatches are recorded."""
         nodes = list(nodes)
         self.blocks.add(host_key_verified(self.status, (n.address for n in nodes)))
+        self.blocks.add(one_entry_per_machine(self.status, (n.address for n in nodes)))
         return [n for n in nodes if self.reachable(n.address)]
 
     def is_leader(self, member: EtcdMember) -> bool:
@@ -172,10 +183,12 @@ class _Etcd:
         return leader_transfer_target(self.status, member) if self.is_leader(member) else None
 
     def membership_gate(self, excluding: Iterable[int] = ()) -> list[Check]:
-        """Rules every membership change passes (1, host keys of the control planes, 2)."""
+        """Rules every membership change passes (1, host keys of the control planes, one
+        entry per machine anywhere in the cluster, 2)."""
         return [
             partial(all_control_planes_reachable, self.cluster, self.status),
             partial(host_key_verified, self.status, sorted(self.cp_addresses)),
+            partial(one_entry_per_machine, self.status, self.all_addresses),
             partial(cluster_healthy_and_in_sync, self.status, frozenset(excluding)),
         ]
 
@@ -216,6 +229,7 @@ class _Etcd:
             [
                 partial(all_control_planes_reachable, self.cluster, self.status),
                 partial(host_key_verified, self.status, sorted(self.cp_addresses)),
+                partial(one_entry_per_machine, self.status, self.all_addresses),
             ]
         )
         if refused is not None or not self.control_planes:
@@ -343,7 +357,8 @@ class _Etcd:
         for node in self.sendable(stale):
             check = partial(destroy_only_non_members, self.status, node.address)
             if self.blocks.first_failure([check]) is None:
-                return EtcdDestroyDataOp(node)
+                healthy_voters = sorted(v.address for v in self.etcd.voters if v.healthy)
+                return EtcdDestroyDataOp(node, ask=healthy_voters)
         return None
 
     def restart_outdated(self) -> Operator | None:

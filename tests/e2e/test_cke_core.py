@@ -257,3 +257,82 @@ async def test_ckecli_cluster_and_constraints_round_trip(etcd3: TestBed, tmp_pat
         assert status.returncode == 0 and "phase:" in status.stdout
         no_leader = await ckecli(d.config, "leader")
         assert no_leader.returncode == 1 and "no leader" in no_leader.stderr
+
+
+async def test_hostile_stored_cluster_never_crashes_a_replica(etcd3: TestBed) -> None:
+    """Issue 10: a stored value the runtime cannot use (written by an older ckecli, or by
+    hand with etcdctl) made every replica die in decide() and crash-loop on restart. Now
+    the leader says ``config-invalid`` with the field and keeps leading; a fix recovers."""
+    from cke.cluster import cluster_to_json, parse_cluster
+    from cke.storage import KEY_CLUSTER
+
+    good = json.loads(cluster_to_json(parse_cluster(GOOD_CLUSTER)))
+    hostile = {**good, "binaries": {**good["binaries"], "etcd": "/usr/bin/etcd;touch /tmp/x"}}
+    async with Deployment(etcd3) as d:
+        await d.start()
+        await d.wait_status()
+        assert d.client.kv is not None
+        for value, field in [
+            (json.dumps(hostile).encode(), "binaries.etcd"),
+            (b'{"name": "\xff\xfe"}', "cluster: the stored value is not UTF-8"),
+            (
+                json.dumps(
+                    {**good, "nodes": [{**good["nodes"][0], "address": "::ffff:127.0.1.3"}]}
+                ).encode(),
+                "nodes[0].address",
+            ),
+        ]:
+            await d.client.kv.put(d.prefix + KEY_CLUSTER, value, timeout=5)
+            deadline = time.monotonic() + 20
+            while True:
+                st = await d.status()
+                messages = " ".join(b["message"] for b in st.get("blocked", []))
+                if st.get("phase") == "config-invalid" and field in messages:
+                    break
+                assert time.monotonic() < deadline, st
+                await asyncio.sleep(0.2)
+            assert all(r.running for r in d.replicas), [r.log() for r in d.replicas]
+        await d.client.kv.put(d.prefix + KEY_CLUSTER, json.dumps(good).encode(), timeout=5)
+        deadline = time.monotonic() + 20
+        while (await d.status()).get("phase") == "config-invalid":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert all(r.running for r in d.replicas)
+        assert "Traceback" not in "".join(r.log() for r in d.replicas)
+
+
+async def test_ckecli_hostile_inputs_give_one_line_errors_and_change_nothing(
+    etcd3: TestBed, tmp_path: Path
+) -> None:
+    """Issue 10, item 8: non-UTF-8 files, clusters over etcd's request limit and absurd
+    ``-n`` values: a one-line error before any diff, exit 1, nothing stored."""
+    from cke.storage import KEY_CLUSTER
+
+    async with Deployment(etcd3) as d:
+        good = tmp_path / "good.yml"
+        good.write_text(GOOD_CLUSTER)
+        assert (await ckecli(d.config, "cluster", "set", str(good))).returncode == 0
+        before = await _snapshot(d.client, d.prefix)
+        latin1 = tmp_path / "latin1.yml"
+        latin1.write_bytes(GOOD_CLUSTER.replace("cp1", "c\xe9").encode("latin-1"))
+        huge = tmp_path / "huge.yml"
+        labels = "".join(f"      k{i}: {'v' * 60}\n" for i in range(20000))
+        huge.write_text(GOOD_CLUSTER.replace("    hostname: w1\n", f"    labels:\n{labels}"))
+        for args, expected in [
+            (("cluster", "set", str(latin1)), "not UTF-8 text"),
+            (("cluster", "set", str(huge)), "more than the limit of 1048576"),
+            (("history", "-n", "99999999999999999999"), "-n: must be between 0 and"),
+            (("history", "-n", "-1"), "-n: must be between 0 and"),
+        ]:
+            result = await ckecli(d.config, *args)
+            assert result.returncode == 1, (args, result)
+            assert expected in result.stderr and result.stdout == "", (args, result)
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert "Traceback" not in result.stderr
+        assert await _snapshot(d.client, d.prefix) == before
+        # A stored cluster that is not UTF-8 (written by hand): ckecli says so in one line.
+        assert d.client.kv is not None
+        await d.client.kv.put(d.prefix + KEY_CLUSTER, b"\xff\xfe", timeout=5)
+        got = await ckecli(d.config, "cluster", "get")
+        assert got.returncode == 1 and "not UTF-8" in got.stderr
+        assert len(got.stderr.strip().splitlines()) == 1 and "Traceback" not in got.stderr

@@ -29,20 +29,25 @@ def _prefix() -> str:
 
 
 async def _call(
-    method: str, url: str, body: Any = None, text: str | None = None, **kw: Any
+    method: str, url: str, body: Any = None, text: str | None = None, data: Any = None, **kw: Any
 ) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
+    """``(status, JSON or text)``; the body is ``data`` (bytes, a stream), ``text`` or
+    ``body`` as JSON."""
+    if data is None:
         data = text if text is not None else (json.dumps(body) if body is not None else None)
-        async with session.request(method, url, data=data, **kw) as resp:
-            raw = await resp.text()
-            try:
-                return resp.status, json.loads(raw)
-            except ValueError:
-                return resp.status, raw
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, data=data, **kw) as resp,
+    ):
+        raw = await resp.text()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, raw
 
 
-async def _logs(url: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/api/v1/logs") as resp:
+async def _logs(url: str, **kw: Any) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/api/v1/logs", **kw) as resp:
         assert resp.status == 200
         return [json.loads(line) for line in (await resp.text()).splitlines() if line]
 
@@ -288,13 +293,18 @@ async def test_mutations_need_an_allowed_address_or_a_client_cert(
         anon = ssl.create_default_context(cafile=str(bed.ca.ca_path))
         assert (await _call("POST", f"{https}/api/v1/machines", spec, ssl=anon))[0] == 401
         assert (await _call("GET", f"{proc.url}/api/v1/machines"))[1] == []
-        assert await _logs(proc.url) == []
+        # the audit log needs the same credentials as a mutation
+        for url, kw in ((proc.url, {}), (https, {"ssl": anon})):
+            st, body = await _call("GET", f"{url}/api/v1/logs", **kw)
+            assert st == 401 and "audit log" in body["error"]
+            assert (await _call("HEAD", f"{url}/api/v1/logs", **kw))[0] == 401
 
         signed = ssl.create_default_context(cafile=str(bed.ca.ca_path))
         signed.load_cert_chain(str(alice.cert), str(alice.key))
+        assert await _logs(https, ssl=signed) == []
         assert (await _call("POST", f"{https}/api/v1/machines", spec, ssl=signed))[0] == 201
         assert (await _call("PUT", f"{proc.url}/api/v1/state/z1", text="healthy"))[0] == 401
-        [record] = await _logs(proc.url)
+        [record] = await _logs(https, ssl=signed)
         assert record["user"] == "alice" and record["action"] == "register"
 
         # sabactl: credentials from a config file; errors give a non-zero exit
@@ -310,6 +320,13 @@ async def test_mutations_need_an_allowed_address_or_a_client_cert(
         code, _, err = await _sabactl(
             "--server", proc.url, "machines", "set-state", "z1", "updating"
         )
+        assert code != 0 and "401" in err
+        code, out, err = await _sabactl("--config-file", str(conf), "logs")
+        assert code == 0 and [json.loads(x)["action"] for x in out.splitlines()] == [
+            "register",
+            "state",
+        ]
+        code, _, err = await _sabactl("--server", proc.url, "logs")
         assert code != 0 and "401" in err
     finally:
         await proc.stop()

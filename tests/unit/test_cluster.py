@@ -34,6 +34,7 @@ from cke.cluster import (
     set_constraint,
     validate_cluster,
 )
+from cke.common import fields
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,6 +44,15 @@ HOST_KEY = (
     .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     .decode()
 )
+
+
+def _host_key(seed: int) -> str:
+    """A valid OpenSSH ed25519 public key of its own for each seed."""
+    private = ed25519.Ed25519PrivateKey.from_private_bytes(bytes([seed % 256] * 32))
+    public = private.public_key()
+    return public.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
 
 
 def _doc(**top: Any) -> dict[str, Any]:
@@ -243,6 +253,16 @@ BAD: list[tuple[str, Any, str]] = [
         "nodes[1].address: duplicate of nodes[0]",
     ),
     (
+        "two entries with one host key",
+        _doc(
+            nodes=[
+                _node(address="10.0.0.1", host_key=HOST_KEY, control_plane=True),
+                _node(address="10.0.0.2", host_key=HOST_KEY + " other comment"),
+            ]
+        ),
+        "nodes[1].host_key: same host key as nodes[0]: one machine",
+    ),
+    (
         "duplicate hostname",
         _doc(
             nodes=[
@@ -339,8 +359,67 @@ BAD: list[tuple[str, Any, str]] = [
     (
         "binary with newline",
         _doc(binaries={"kube-apiserver": "/bin/a\nb"}),
-        "binaries.kube-apiserver: must not contain control characters",
+        "binaries.kube-apiserver: may contain only ASCII letters",
     ),
+    *[
+        (f"binary {path!r}", _doc(binaries={"etcd": path}), f"binaries.etcd: {problem}")
+        for path, problem in [
+            ("/usr/bin/etcd;touch /tmp/x", "may contain only ASCII letters"),
+            ("/opt/etcd/", "must be a normalised path"),
+            ("/opt/./etcd", "must be a normalised path"),
+            ("/opt/../bin/etcd", "must be a normalised path"),
+            ("//opt/etcd", "must be a normalised path"),
+            ("/", "must be a normalised path"),
+            ("/opt/my etcd", "may contain only ASCII letters"),
+            ("/opt/\u00e9tcd", "may contain only ASCII letters"),
+            ("/opt/$(id)", "may contain only ASCII letters"),
+            ("/" + "a" * 256, "each part must be at most 255"),
+            ("/a" * 2049, "must be at most 4096 characters"),
+        ]
+    ],
+    *[
+        (f"address {address!r}", _with_node(address=address), f"nodes[2].address: {problem}")
+        for address, problem in [
+            ("::ffff:127.0.1.3", "must not be an IPv4-mapped IPv6 address: write 127.0.1.3"),
+            ("0.0.0.0", "must not be the unspecified address"),
+            ("::", "must not be the unspecified address"),
+            ("224.0.0.1", "must not be a multicast address"),
+            ("ff02::1", "must not be a multicast address"),
+            ("255.255.255.255", "must not be the broadcast address"),
+            ("fe80::1%eth0", "must not have an IPv6 zone ID"),
+            ("FD00::1", "must be written in canonical form: fd00::1"),
+            ("fd00:0::1", "must be written in canonical form: fd00::1"),
+            ("1" * 300, "must be an IPv4 or IPv6 address (too long)"),
+        ]
+    ],
+    ("dns server multicast", _doc(dns_servers=["224.0.0.1"]), "dns_servers[0]: must not be a"),
+    (
+        "env name reserved for the runtime",
+        _doc(options={"etcd": {"extra_env": {"cke_log": "/etc/passwd"}}}),
+        """options.etcd.extra_env["cke_log"]: names starting with 'cke_' are reserved""",
+    ),
+    (
+        "env name reserved for the runtime (setsid)",
+        _doc(options={"rivers": {"extra_env": {"cke_setsid": "x"}}}),
+        """options.rivers.extra_env["cke_setsid"]: names starting with 'cke_' are reserved""",
+    ),
+    *[
+        (
+            f"etcd flag {arg}",
+            _doc(options={"etcd": {"extra_args": ["--log-level=info", arg]}}),
+            f"options.etcd.extra_args[1]: --{flag} is set by cke",
+        )
+        for arg, flag in [
+            ("--data-dir=/tmp/elsewhere", "data-dir"),
+            ("--wal-dir", "wal-dir"),
+            ("-name=x", "name"),
+            ("--force-new-cluster", "force-new-cluster"),
+            ("--config-file=/etc/x.yml", "config-file"),
+        ]
+    ],
+    ("over-long cluster name", _doc(name="n" * 254), "name: must be at most 253 characters"),
+    ("over-long user", _with_node(user="u" * 256), "nodes[2].user: must be at most 255"),
+    ("over-long host key", _with_node(host_key="ssh-ed25519 " + "A" * 9000), "host_key: must be"),
     (
         "relative bind",
         _doc(options={"kubelet": {"extra_binds": [{"source": "/a", "destination": "b"}]}}),
@@ -881,6 +960,12 @@ _QUALIFIED = (
 _LABEL_VALUE = st.just("") | _NAME
 _NO_NUL = st.text(max_size=15).filter(lambda s: "\x00" not in s)
 _ABS_PATH = st.text("abz09-_./ ", max_size=20).map(lambda p: "/" + p)
+_BINARY_PATH = (
+    st.lists(st.text("abzAZ09-_.+@", min_size=1, max_size=8), min_size=1, max_size=4)
+    .map(lambda parts: "/" + "/".join(parts))
+    .filter(lambda p: fields.binary_path_problem(p) is None)
+)
+_NODE_IP = st.ip_addresses().filter(lambda ip: fields.node_address_problem(str(ip)) is None)
 _TAINT = st.fixed_dictionaries(
     {"key": _QUALIFIED, "effect": st.sampled_from(cl.TAINT_EFFECTS)},
     optional={"value": _LABEL_VALUE},
@@ -888,7 +973,7 @@ _TAINT = st.fixed_dictionaries(
 _PARAMS = st.fixed_dictionaries(
     {},
     optional={
-        "extra_args": st.lists(_NO_NUL, max_size=3),
+        "extra_args": st.lists(_NO_NUL.filter(lambda a: not a.startswith("-")), max_size=3),
         "extra_env": st.dictionaries(_word("aZ_", "aZ_09", 8), _NO_NUL, max_size=3),
         "extra_binds": st.lists(
             st.fixed_dictionaries(
@@ -907,9 +992,7 @@ _SUBNET = st.one_of(
 
 @st.composite
 def _valid_docs(draw: st.DrawFn) -> dict[str, Any]:
-    addresses = draw(
-        st.lists(st.ip_addresses(), min_size=1, max_size=6, unique_by=lambda ip: ip.packed)
-    )
+    addresses = draw(st.lists(_NODE_IP, min_size=1, max_size=6, unique_by=lambda ip: ip.packed))
     nodes = []
     for i, ip in enumerate(addresses):
         node: dict[str, Any] = {"address": str(ip), "user": draw(st.sampled_from(["u", "core"]))}
@@ -920,7 +1003,7 @@ def _valid_docs(draw: st.DrawFn) -> dict[str, Any]:
                 {},
                 optional={
                     "port": st.integers(1, 65535),
-                    "host_key": st.just(HOST_KEY),
+                    "host_key": st.just(_host_key(i)),
                     "control_plane": st.booleans(),
                     "labels": st.dictionaries(_QUALIFIED, _LABEL_VALUE, max_size=3),
                     "annotations": st.dictionaries(_QUALIFIED, st.text(max_size=15), max_size=3),
@@ -941,10 +1024,10 @@ def _valid_docs(draw: st.DrawFn) -> dict[str, Any]:
         st.fixed_dictionaries(
             {},
             optional={
-                "dns_servers": st.lists(st.ip_addresses().map(str), max_size=3),
+                "dns_servers": st.lists(_NODE_IP.map(str), max_size=3),
                 "runtime": st.sampled_from(["systemd", "process"]),
                 "binaries": st.dictionaries(
-                    st.sampled_from(cl._BINARY_NAMES), _ABS_PATH, max_size=3
+                    st.sampled_from(cl._BINARY_NAMES), _BINARY_PATH, max_size=3
                 ),
                 "options": st.dictionaries(st.sampled_from(cl.COMPONENTS), _PARAMS, max_size=3),
             },

@@ -118,3 +118,29 @@ def test_parse_listen_address() -> None:
     for bad in ("localhost", "1.2.3.4:x", "1.2.3.4:99999"):
         with pytest.raises(ValueError, match="--http"):
             parse_listen_address(bad, "--http")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "endpoints: [https://127.0.0.1:2379]\npassword: hunter2\n  x: y\n",
+        "password: 'hunter2\n",
+        "endpoints:\n\t- password-hunter2\n",
+    ],
+)
+def test_yaml_errors_in_config_show_position_not_content(tmp_path: Path, body: str) -> None:
+    """Issue 10: PyYAML's message quotes the offending line, which may hold a password."""
+    path = tmp_path / "config.yml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as caught:
+        load_etcd_settings(path)
+    message = str(caught.value)
+    assert "hunter2" not in message and "\n" not in message
+    assert "invalid YAML at line" in message and "column" in message
+
+
+def test_non_utf8_config_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_bytes(b"password: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"config.yml: not UTF-8 text$"):
+        load_etcd_settings(path)

@@ -138,6 +138,11 @@ def test_summary_has_paths_modes_and_digests_but_never_contents() -> None:
         lambda: ServiceSpec("etcd", "/usr/bin/etcd", env=(("BAD-KEY", "v"),)),
         lambda: ServiceSpec("etcd", "/usr/bin/etcd", args=("a\0b",)),
         lambda: ServiceSpec("etcd", "/usr/bin/etcd", files=(KEY_FILE, KEY_FILE)),
+        lambda: ServiceSpec("etcd", "/usr/bin/etcd", env=(("cke_log", "/etc/passwd"),)),
+        lambda: ServiceSpec("etcd", "/usr/bin/etcd", env=(("cke_setsid", "/bin/sh"),)),
+        lambda: ServiceSpec("etcd", "/usr/bin/etcd;touch /tmp/x"),
+        lambda: ServiceSpec("etcd", "/opt/etcd/"),
+        lambda: ServiceSpec("etcd", "/opt/my etcd"),
         lambda: NodeFile("etc/cke/k", b""),
         lambda: NodeFile("/etc/cke/../k", b""),
         lambda: NodeFile("/etc/cke/k", b"", mode=0o10000),
@@ -290,10 +295,13 @@ def test_process_start_script_launch_line() -> None:
         "\tPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH\n"
         "\tETCD_LOG_LEVEL=info; export ETCD_LOG_LEVEL\n"
         "\tGREETING='a \"b\" $c 50% \\d'; export GREETING\n"
-        "\texec \"$cke_setsid\" /usr/local/bin/etcd --name 'node 1' 'say \"hi\"' "
-        "'cost=$HOME' 100% 'back\\slash' 'it'\"'\"'s' 'line\nbreak' ';' '' "
-        '>>"$cke_log" 2>&1 </dev/null\n) &\n'
+        "\texec \"$1\" /usr/local/bin/etcd --name 'node 1' 'say \"hi\"' "
+        "'cost=$HOME' 100% 'back\\slash' 'it'\"'\"'s' 'line\nbreak' ';' ''\n) &\n"
     ) in text
+    # The log and setsid are fixed before the spec's variables are set.
+    launch = text[text.index("(\n\texec") :]
+    assert launch.index('\texec >>"$cke_log" 2>&1 </dev/null\n\tset -- "$cke_setsid"\n') == 2
+    assert launch.index('set -- "$cke_setsid"') < launch.index("ETCD_LOG_LEVEL=info")
     with_path = dataclasses.replace(SPEC, env=(("PATH", "/opt/bin"),))
     assert "PATH=/usr/local/sbin" not in rt.start_script(with_path).decode()
 

@@ -10,14 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sabakan.model import (
+    MAX_ADDRESSES,
+    MAX_BMC_TYPE,
+    MAX_LABEL_KEY,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
     InputError,
     MachineState,
     TransitionError,
     check_transition,
     parse_label_pairs,
+    parse_labels,
     parse_machines,
     parse_retire_date,
     parse_state,
+    parse_state_body,
+    shown,
 )
 
 S = MachineState
@@ -180,3 +188,53 @@ def test_valid_batches_parse_and_duplicates_are_refused(rows: list[tuple[str, in
     else:
         parsed = parse_machines(json.dumps(specs).encode())
         assert [(m.serial, m.rack, m.ipv4[0]) for m in parsed] == rows
+
+
+def test_caps_per_machine() -> None:
+    labels = {f"k{i}": "v" for i in range(MAX_LABELS)}
+    v4 = [f"10.0.0.{i + 1}" for i in range(MAX_ADDRESSES)]
+    v6 = [f"fd00::{i + 1:x}" for i in range(MAX_ADDRESSES)]
+    bmc = {"type": "t" * MAX_BMC_TYPE}
+    full = _spec(labels=labels, ipv4=v4, ipv6=v6, bmc=bmc)
+    full["labels"]["k" * MAX_LABEL_KEY] = "v" * MAX_LABEL_VALUE
+    del full["labels"]["k0"]
+    [m] = parse_machines(json.dumps([full]).encode())
+    assert len(m.labels) == MAX_LABELS and len(m.ipv4) == len(m.ipv6) == MAX_ADDRESSES
+    over = [
+        (_spec(labels={**labels, "one-more": "v"}), "[0].labels", f"at most {MAX_LABELS} labels"),
+        (_spec(ipv4=[*v4, "10.0.1.1"]), "[0].ipv4", f"at most {MAX_ADDRESSES} addresses"),
+        (_spec(ipv6=[*v6, "fd00::ffff"]), "[0].ipv6", f"at most {MAX_ADDRESSES} addresses"),
+        (_spec(labels={"k" * (MAX_LABEL_KEY + 1): "v"}), "[0].labels", "at most 128 char"),
+        (_spec(labels={"k": "v" * (MAX_LABEL_VALUE + 1)}), "[0].labels", "at most 256 char"),
+        (_spec(bmc={"type": "t" * (MAX_BMC_TYPE + 1)}), "[0].bmc", "at most 64 char"),
+        (_spec(bmc={"type": "tab\there"}), "[0].bmc", "printable ASCII"),
+    ]
+    for spec, field, words in over:
+        with pytest.raises(InputError) as err:
+            parse_machines(json.dumps([spec]).encode())
+        assert str(err.value).startswith(field) and words in str(err.value), str(err.value)
+        assert len(str(err.value)) < 600
+    with pytest.raises(InputError, match=rf"^labels: at most {MAX_LABELS} labels"):
+        parse_labels(json.dumps({**labels, "one-more": "v"}).encode())
+
+
+def test_errors_never_echo_a_whole_value() -> None:
+    for body in (b"x" * 100_000, b"\xff\xfe"):
+        with pytest.raises(InputError, match=r"^state:") as err:
+            parse_state_body(body)
+        assert len(str(err.value)) < 300
+    with pytest.raises(InputError) as err:
+        parse_machines(json.dumps([_spec(ipv4=["9" * 10_000])]).encode())
+    assert str(err.value).startswith("[0].ipv4") and len(str(err.value)) < 300
+    with pytest.raises(InputError) as err:
+        parse_label_pairs("k" * 10_000)
+    assert len(str(err.value)) < 300
+    assert shown("abc") == "'abc'" and shown("a" * 100, 4) == "'aaaa'…"
+
+
+def test_a_deep_or_broken_body_is_a_400() -> None:
+    for body in (b"[" * 100_000, b"[" * 5000 + b"]" * 5000, b'[{"serial": "\xff"}]'):
+        with pytest.raises(InputError):
+            parse_machines(body)
+        with pytest.raises(InputError):
+            parse_labels(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import pytest
@@ -17,6 +18,7 @@ from cke.server.safety import (
     RULE_KEEP_QUORUM,
     RULE_LEADER_MOVED_FIRST,
     RULE_LEARNER_CAUGHT_UP,
+    RULE_ONE_ENTRY_PER_MACHINE,
     Blocked,
     all_control_planes_reachable,
     check_control_plane_change,
@@ -28,7 +30,9 @@ from cke.server.safety import (
     leader_moved_first,
     leader_transfer_target,
     learner_caught_up,
+    one_entry_per_machine,
     quorum,
+    same_machine_addresses,
 )
 from tests.unit.etcd_builders import member
 
@@ -188,6 +192,47 @@ def test_destroy_only_non_members_allows_non_member() -> None:
 def test_destroy_only_non_members_refuses_member_and_unknown_membership() -> None:
     assert_blocked(destroy_only_non_members(three(), B), RULE_DESTROY_ONLY_NON_MEMBERS, [B])
     assert_blocked(destroy_only_non_members(ClusterStatus(), D), RULE_DESTROY_ONLY_NON_MEMBERS, [D])
+
+
+def test_destroy_only_non_members_refuses_data_started_as_a_current_member() -> None:
+    b_member = dataclasses.replace(member(B), peer_urls=(f"https://{B}:2380",))
+    st = status(member(A, leader=True), b_member, member(C))
+    alias = NodeStatus(D, ssh_ok=True, etcd_has_data=True, etcd_peer_url=f"https://{B}:2380")
+    st = dataclasses.replace(st, nodes={D: alias})
+    assert_blocked(destroy_only_non_members(st, D), RULE_DESTROY_ONLY_NON_MEMBERS, [B, D])
+    former = dataclasses.replace(alias, etcd_peer_url=f"https://{E}:2380")
+    assert destroy_only_non_members(dataclasses.replace(st, nodes={D: former}), D) is None
+
+
+# one-entry-per-machine
+
+
+def test_one_entry_per_machine_allows_distinct_and_unknown_identities() -> None:
+    st = status(
+        nodes=[
+            NodeStatus(A, ssh_ok=True, identity="SHA256:a"),
+            NodeStatus(B, ssh_ok=True, identity="SHA256:b"),
+            NodeStatus(C, ssh_ok=True),
+            NodeStatus(D, ssh_ok=True),
+            NodeStatus(E, ssh_ok=False, identity="SHA256:a"),  # stale: not reached now
+        ]
+    )
+    assert same_machine_addresses(st) == frozenset()
+    assert one_entry_per_machine(st, [A, B, C, D, E]) is None
+
+
+def test_one_entry_per_machine_refuses_two_entries_of_one_machine() -> None:
+    st = status(
+        nodes=[
+            NodeStatus(A, ssh_ok=True, identity="SHA256:a"),
+            NodeStatus(B, ssh_ok=True, identity="SHA256:x"),
+            NodeStatus(D, ssh_ok=True, identity="SHA256:x"),
+        ]
+    )
+    assert same_machine_addresses(st) == {B, D}
+    assert one_entry_per_machine(st, [A]) is None
+    assert_blocked(one_entry_per_machine(st, [D]), RULE_ONE_ENTRY_PER_MACHINE, [B, D])
+    assert_blocked(one_entry_per_machine(st, [A, B, D]), RULE_ONE_ENTRY_PER_MACHINE, [B, D])
 
 
 # Rule 5: keep-etcd-majority

@@ -27,7 +27,7 @@ from cke.op.etcd import (
 )
 from cke.server.clusterstatus import EtcdMember, EtcdStatus, NodeStatus
 from cke.server.phases import Phase
-from cke.server.safety import quorum
+from cke.server.safety import quorum, same_machine_addresses
 from cke.server.strategy import (
     ETCD_MAINTAIN_ABORTED,
     MEMBERSHIP_OPS,
@@ -412,6 +412,51 @@ def test_destroy_data_skips_host_key_mismatch() -> None:
     assert rules(d) == {"host-key-verified": (D,)}
 
 
+def peer(address: str) -> str:
+    return f"https://{address}:2380"
+
+
+def test_alias_of_a_member_is_never_wiped_and_blocks_membership() -> None:
+    # Issue 10: worker D's address reaches C's sshd (a second NIC, a forwarder). Seen
+    # through D, C's etcd data looks like a non-member's; wiping it destroyed C's replica.
+    for cps in ([A, B, C], [C]):
+        c = cluster(cps, [D])
+        alias = running(c, C, identity="SHA256:c", etcd_peer_url=peer(C), etcd_digest=None)
+        s = healthy(c, cps)
+        s = with_node(s, running(c, C, identity="SHA256:c", etcd_peer_url=peer(C)))
+        s = with_node(s, dataclasses.replace(alias, address=D))
+        d = run(c, s)
+        assert d.operators == [] and d.phase is ETCD_MAINTAIN_ABORTED, d
+        assert rules(d) == {"one-entry-per-machine": (C, D)}
+
+
+def test_alias_blocks_membership_changes_elsewhere() -> None:
+    # A fourth control plane waits to be added; D and E are one machine: nothing changes.
+    c = cluster([A, B, C, F], [D, E])
+    s = healthy(c, [A, B, C])
+    s = with_node(s, clean(D, identity="SHA256:x"))
+    s = with_node(s, clean(E, identity="SHA256:x"))
+    d = run(c, s)
+    assert d.operators == []
+    assert rules(d) == {"one-entry-per-machine": (D, E)}
+    # With distinct identities, F is added.
+    only(run(c, with_node(s, clean(E, identity="SHA256:e"))), EtcdAddMemberOp, [F])
+
+
+def test_data_started_as_a_current_member_is_kept() -> None:
+    # Even when the identities differ (say, host keys copied between machines), data whose
+    # spec record names a current member's peer URL is that member's: it is kept.
+    c = cluster([A, B, C], [D])
+    s = healthy(c, [A, B, C], [clean(D, etcd_has_data=True, etcd_peer_url=peer(B))])
+    s = with_member(s, dataclasses.replace(member(B), peer_urls=(peer(B),)))
+    d = run(c, s)
+    assert d.operators == [] and d.phase is ETCD_MAINTAIN_ABORTED
+    assert rules(d) == {"destroy-only-non-members": (B, D)}
+    # Data of a former member (not in the list any more) is wiped.
+    s = with_node(s, clean(D, etcd_has_data=True, etcd_peer_url=peer(E)))
+    only(run(c, s), EtcdDestroyDataOp, [D])
+
+
 def test_destroy_data_runs_while_membership_is_blocked() -> None:
     c = cluster([A, B, C, E], [D])
     s = healthy(c, [A, B, C], [clean(D, etcd_has_data=True), NodeStatus(E, ssh_ok=False)])
@@ -517,6 +562,7 @@ def scenarios(draw: st.DrawFn) -> tuple[Cluster, ClusterStatus]:
                     learner=draw(st.integers(0, 3)) == 0,
                     healthy=not fails(),
                     raft_index=0 if fails() else 5000,
+                    peer_urls=(f"https://{a}:2380",),
                 )
             )
     voter_ids = [m.id for m in members if not m.learner]
@@ -546,6 +592,8 @@ def scenarios(draw: st.DrawFn) -> tuple[Cluster, ClusterStatus]:
             else (None if dig == "none" else OLD_DIGEST)
         )
         has_etcd = a in member_addresses
+        # Rarely, a node is another one's machine (same identity, its etcd record).
+        machine = draw(st.sampled_from(addresses)) if rarely() else a
         node_statuses.append(
             NodeStatus(
                 a,
@@ -554,6 +602,8 @@ def scenarios(draw: st.DrawFn) -> tuple[Cluster, ClusterStatus]:
                 etcd_running=has_etcd != fails(),
                 etcd_digest=d,
                 etcd_has_data=has_etcd != fails(),
+                identity=f"SHA256:{machine}",
+                etcd_peer_url=f"https://{machine}:2380",
             )
         )
     return c, ClusterStatus(nodes={x.address: x for x in node_statuses}, etcd=etcd)
@@ -574,6 +624,7 @@ def test_decision_safety_properties(scenario: tuple[Cluster, ClusterStatus]) -> 
     etcd = s.etcd
     member_addresses = {m.address for m in etcd.members}
     mismatched = {a for a, ns in s.nodes.items() if ns.host_key_mismatch}
+    same_machine = same_machine_addresses(s)
     voters = etcd.voters
 
     # At most one membership change per decision.
@@ -581,8 +632,15 @@ def test_decision_safety_properties(scenario: tuple[Cluster, ClusterStatus]) -> 
     assert len(d.operators) <= 1
 
     for op in d.operators:
-        # A node with another host key is never sent anything.
+        # A node with another host key, or reached under two entries, is sent nothing.
         assert not set(op.targets) & mismatched
+        if isinstance(op, EtcdRemoveMemberOp):  # the member is removed through the API
+            touched = {op.node.address} if op.node is not None else set()
+        else:
+            touched = set(op.targets)
+        assert not touched & same_machine
+        if isinstance(op, MEMBERSHIP_OPS):
+            assert not same_machine & {n.address for n in c.nodes}
 
         if isinstance(op, EtcdRemoveMemberOp) and not op.member.learner:
             remaining = [v for v in voters if v.id != op.member.id]
@@ -594,8 +652,10 @@ def test_decision_safety_properties(scenario: tuple[Cluster, ClusterStatus]) -> 
                 others = [v for v in voters if v.id != m.id]
                 assert sum(v.healthy for v in others) >= quorum(len(voters))
         if isinstance(op, EtcdDestroyDataOp):
-            # Data of a current member is never destroyed.
+            # Data of a current member is never destroyed, under any of its addresses.
             assert etcd.reachable and op.node.address not in member_addresses
+            owner = s.nodes[op.node.address].etcd_peer_url
+            assert not any(owner in m.peer_urls for m in etcd.members)
         if isinstance(op, EtcdPromoteOp):
             assert op.member.learner and etcd.in_sync(op.member)
         if isinstance(op, EtcdAddMemberOp):
@@ -623,6 +683,7 @@ def test_decision_safety_properties(scenario: tuple[Cluster, ClusterStatus]) -> 
         "keep-etcd-majority",
         "learner-caught-up",
         "leader-moved-first",
+        "one-entry-per-machine",
     }
     assert {b.rule for b in d.blocked} <= known
     if not d.operators and d.blocked:

@@ -1,0 +1,37 @@
+"""The control loop's last line of defence: a decision that raises changes nothing and
+says why, instead of killing the replica (issue 10, item 2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cke.cluster import Cluster, Constraints, Node
+from cke.server import control
+from cke.server.clusterstatus import ClusterStatus
+from cke.server.phases import Phase
+from cke.server.strategy import Decision
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_decision_that_raises_is_held_back_with_the_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_: object) -> Decision:
+        raise ValueError("binary must be a plain absolute path\nsecond line")
+
+    monkeypatch.setattr(control, "decide", broken)
+    cluster = Cluster(
+        name="c", service_subnet="10.68.0.0/16", nodes=[Node(address="10.0.0.1", user="u")]
+    )
+    decision = control.decide_safely(cluster, Constraints(), ClusterStatus())
+    assert decision.operators == [] and decision.phase is Phase.DECISION_FAILED
+    (blocked,) = decision.blocked
+    assert blocked.rule == control.RULE_DECISION_SUCCEEDS
+    assert "ValueError: binary must be a plain absolute path" in blocked.message
+    assert "second line" not in blocked.message
+
+
+def test_a_good_decision_passes_through() -> None:
+    decision = control.decide_safely(None, Constraints(), ClusterStatus())
+    assert decision == Decision([], Phase.WAITING_FOR_CLUSTER)
