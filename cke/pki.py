@@ -18,27 +18,45 @@ from cke.vault import Vault
 
 ROOT_TTL = "876000h"  # 100 years: the roots are replaced by hand, never by expiry
 DEFAULT_CERT_TTL = "8760h"
+SYSTEM_MAX_TTL = "87600h"  # the cap of roles cke issues with (its --cert-ttl)
 ROOT_CLIENT_TTL = "2h"
-USER_CLIENT_TTL = "87600h"
+USER_CLIENT_TTL = "8760h"  # ``ckecli etcd issue``'s default and its role's cap
 KEY_TYPE = "ec"
 KEY_BITS = 256
 SECRETS_MOUNT = "cke/secrets"
+SECRET_PATHS = ("ssh", "k8s")  # SSH keys of nodes, the Kubernetes encryption key
 POLICY_NAME = "cke"
 APPROLE_NAME = "cke"
-POLICY = """path "cke/*" {
-  capabilities = ["create", "read", "update", "delete", "list", "sudo"]
-}
-"""
+# etcd users cke issues certificates for itself (CN = etcd user); never for an operator.
+SYSTEM_ETCD_USERS = ("cke", "kube-apiserver")
+RESERVED_ETCD_USERS = ("root", *SYSTEM_ETCD_USERS)
+
+
+def reserved_etcd_user_problem(user: str) -> str | None:
+    """Why ``user`` may not be an operator's etcd user (None: it may)."""
+    if not user:
+        return "must not be empty"
+    if user in RESERVED_ETCD_USERS or user.startswith("system:"):
+        return f"{', '.join(RESERVED_ETCD_USERS)} and system: names are reserved"
+    if user != user.strip():
+        return "must not start or end with white space"
+    return None
 
 
 @dataclass(frozen=True)
 class Role:
+    """A PKI role. ``names``: the only CNs it issues (empty: any name);
+    ``denied_names``: CNs the cke policy refuses on this role's issue path (OpenBao's
+    PKI roles cannot express "any name but these", its ACL policies can)."""
+
     name: str
     server: bool
     client: bool
-    max_ttl: str = "87600h"
+    max_ttl: str = SYSTEM_MAX_TTL
     organization: str = ""
     ttl: str = DEFAULT_CERT_TTL
+    names: tuple[str, ...] = ()
+    denied_names: tuple[str, ...] = ()
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -54,6 +72,17 @@ class Role:
             "ttl": self.ttl,
             "no_store": False,
         }
+        if self.names:
+            params |= {
+                "allow_any_name": False,
+                "allowed_domains": list(self.names),
+                "allow_bare_domains": True,
+                "allow_subdomains": False,
+                "allow_glob_domains": False,
+                "allow_wildcard_certificates": False,
+                "allow_localhost": False,
+                "allow_ip_sans": False,
+            }
         if self.organization:
             params["organization"] = self.organization
         return params
@@ -75,9 +104,18 @@ CAS: tuple[CASpec, ...] = (
         "cke/ca-etcd-client",
         "cke etcd client CA",
         (
-            Role("system", False, True),
-            Role("admin", False, True, max_ttl=ROOT_CLIENT_TTL, ttl=ROOT_CLIENT_TTL),
-            Role("user", False, True),
+            Role("system", False, True, names=SYSTEM_ETCD_USERS),
+            Role(
+                "admin", False, True, max_ttl=ROOT_CLIENT_TTL, ttl=ROOT_CLIENT_TTL, names=("root",)
+            ),
+            Role(
+                "user",
+                False,
+                True,
+                max_ttl=USER_CLIENT_TTL,
+                ttl=USER_CLIENT_TTL,
+                denied_names=(*RESERVED_ETCD_USERS, "system:*"),
+            ),
         ),
     ),
     CASpec(
@@ -104,6 +142,41 @@ CAS: tuple[CASpec, ...] = (
     ),
 )
 CA_BY_NAME = {ca.name: ca for ca in CAS}
+
+
+def _hcl_list(values: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
+def cke_policy() -> str:
+    """The ``cke`` policy: exactly what cke and ckecli do with the AppRole token.
+
+    Issue with each role ``vault init`` creates (never ``sign``, which takes the CN
+    from a CSR), tidy each PKI mount, and read/write the two secrets. Token
+    lookup and renewal come from Vault's ``default`` policy.
+    """
+    blocks = []
+    for ca in CAS:
+        for role in ca.roles:
+            denied = ""
+            if role.denied_names:
+                denied = (
+                    "\n  denied_parameters = {\n"
+                    f'    "common_name" = {_hcl_list(role.denied_names)}\n  }}'
+                )
+            blocks.append(
+                f'path "{ca.mount}/issue/{role.name}" {{\n  capabilities = ["update"]{denied}\n}}\n'
+            )
+        blocks.append(f'path "{ca.mount}/tidy" {{\n  capabilities = ["update"]\n}}\n')
+    for secret in SECRET_PATHS:
+        blocks.append(
+            f'path "{SECRETS_MOUNT}/{secret}" {{\n'
+            '  capabilities = ["create", "read", "update"]\n}\n'
+        )
+    return "".join(blocks)
+
+
+POLICY = cke_policy()
 
 
 @dataclass(frozen=True)
@@ -187,13 +260,16 @@ class CertIssuer:
         """A client certificate whose CN is the etcd user (``root``, ``cke``, ...)."""
         if user == "root":
             return await self._issue("cke/ca-etcd-client", "admin", "root", ROOT_CLIENT_TTL)
-        role = "system" if user in ("cke", "kube-apiserver") else "user"
-        return await self._issue(
-            "cke/ca-etcd-client",
-            role,
-            user,
-            ttl or (self.ttls["client"] if role == "system" else USER_CLIENT_TTL),
-        )
+        if user in SYSTEM_ETCD_USERS:
+            return await self._issue(
+                "cke/ca-etcd-client", "system", user, ttl or self.ttls["client"]
+            )
+        return await self.etcd_user(user, ttl)
+
+    async def etcd_user(self, user: str, ttl: str | None = None) -> IssuedCert:
+        """An operator's etcd user (``ckecli etcd issue``), always through the ``user``
+        role: Vault refuses the reserved names there and caps the TTL."""
+        return await self._issue("cke/ca-etcd-client", "user", user, ttl or USER_CLIENT_TTL)
 
     async def kube_apiserver(
         self,

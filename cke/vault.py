@@ -14,13 +14,21 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions
 import requests
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from cke.common.etcd import format_validation_error
 from cke.common.logs import get_logger
@@ -42,11 +50,30 @@ class VaultRefused(VaultError):
     """Vault refused the request (credentials, permissions, bad request)."""
 
 
+class VaultConfigError(VaultRefused):
+    """The ``vault`` configuration is malformed; the message names the field, never a value."""
+
+
+class InsecureEndpoint(VaultConfigError):
+    """An ``http://`` endpoint without the explicit opt-in ``allow-insecure-http``."""
+
+
+INSECURE_HTTP = "http:// would send the secret-id in clear; want https://"
+
+
 class VaultConfig(BaseModel):
-    """The ``vault`` key in etcd (CKE's schema): how cke logs in to Vault."""
+    """The ``vault`` key in etcd (CKE's schema): how cke logs in to Vault.
+
+    One addition to CKE's schema: ``allow-insecure-http`` (default false), the
+    operator's explicit opt-in to a plain-HTTP endpoint, for labs only. Without it
+    an ``http://`` endpoint is invalid, so neither ckecli nor cke sends the
+    secret-id in clear.
+    """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
+    # Declared first: the endpoint's validator reads it.
+    allow_insecure_http: bool = Field(default=False, alias="allow-insecure-http", strict=True)
     endpoint: str
     role_id: str = Field(alias="role-id", min_length=1)
     secret_id: str = Field(alias="secret-id", min_length=1, repr=False)
@@ -54,9 +81,11 @@ class VaultConfig(BaseModel):
 
     @field_validator("endpoint")
     @classmethod
-    def _endpoint(cls, value: str) -> str:
+    def _endpoint(cls, value: str, info: ValidationInfo) -> str:
         if not value.startswith(("https://", "http://")):
-            raise ValueError("want an http(s):// URL")
+            raise ValueError("want an https:// URL")
+        if value.startswith("http://") and not info.data.get("allow_insecure_http"):
+            raise ValueError(INSECURE_HTTP)
         return value.rstrip("/")
 
     @field_validator("ca_cert")
@@ -67,21 +96,35 @@ class VaultConfig(BaseModel):
         return value
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(by_alias=True, exclude_none=True))
+        return json.dumps(self.model_dump(by_alias=True, exclude_defaults=True))
 
 
-def parse_vault_config(text: str | bytes) -> VaultConfig:
-    """Parse the JSON form; errors name the field and never echo a value."""
+def parse_vault_config(text: str | bytes, allow_insecure_http: bool = False) -> VaultConfig:
+    """Parse the JSON form; errors name the field and never echo a value.
+
+    ``allow_insecure_http`` is ckecli's ``--allow-insecure-http``: it records the
+    opt-in in the configuration when the endpoint is ``http://``.
+    Raises ``InsecureEndpoint`` for an ``http://`` endpoint without the opt-in and
+    ``VaultConfigError`` for anything else wrong.
+    """
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise VaultRefused(f"invalid JSON: {exc.msg} at line {exc.lineno}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise VaultConfigError(f"invalid JSON: {msg}{where}") from None
     if not isinstance(doc, dict):
-        raise VaultRefused("want a JSON object with endpoint, role-id, secret-id")
+        raise VaultConfigError("want a JSON object with endpoint, role-id, secret-id")
+    endpoint = doc.get("endpoint")
+    if isinstance(endpoint, str) and endpoint.startswith("http://"):
+        if allow_insecure_http:
+            doc["allow-insecure-http"] = True
+        elif doc.get("allow-insecure-http") is not True:
+            raise InsecureEndpoint(f"endpoint: {INSECURE_HTTP}")
     try:
         return VaultConfig.model_validate(doc)
     except ValidationError as exc:
-        raise VaultRefused(format_validation_error(exc)) from None
+        raise VaultConfigError(format_validation_error(exc)) from None
 
 
 def _describe(exc: BaseException) -> str:
@@ -93,15 +136,27 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _remove_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 class Vault:
-    """A logged-in (or token-bearing) client. Use ``call`` for every request."""
+    """A logged-in (or token-bearing) client. Use ``call`` for every request.
+
+    A ``ca_cert`` PEM goes to a private temporary file (0600; requests verifies
+    with a path), removed by ``close()``, or when the object is collected, or at
+    interpreter exit, whichever comes first.
+    """
 
     def __init__(self, endpoint: str, ca_cert: str | None = None, token: str | None = None):
         self.endpoint = endpoint
         self._ca_file: str | None = None
+        self._cleanup: weakref.finalize[[str], Vault] | None = None
         verify: bool | str = True
         if ca_cert:
             fd, path = tempfile.mkstemp(prefix="cke-vault-ca-", suffix=".pem")
+            self._cleanup = weakref.finalize(self, _remove_file, path)
             with os.fdopen(fd, "w") as f:
                 f.write(ca_cert)
             self._ca_file = path
@@ -110,11 +165,15 @@ class Vault:
             verify = os.environ["VAULT_CACERT"]
         self.hvac = hvac.Client(url=endpoint, token=token, verify=verify, timeout=10)  # type: ignore[no-untyped-call]
 
+    @property
+    def ca_file(self) -> str | None:
+        """The temporary CA file, while this client is open."""
+        return self._ca_file
+
     def close(self) -> None:
-        if self._ca_file:
-            with contextlib.suppress(OSError):
-                os.unlink(self._ca_file)
-            self._ca_file = None
+        if self._cleanup is not None:
+            self._cleanup()
+        self._ca_file = None
 
     async def call(self, fn: Callable[[hvac.Client], T]) -> T:
         """Run ``fn(hvac_client)`` in a thread, mapping errors to VaultUnavailable/Refused."""
@@ -170,10 +229,17 @@ class VaultSession:
 
     ``run()`` logs in with AppRole, renews the token at two thirds of its lease,
     logs in again when renewal fails, and backs off while Vault is unreachable.
+    It re-reads the ``vault`` key every ``check_interval``: a changed key means a
+    new login, and a malformed one is reported (one log line, and ``state``
+    ``invalid config: ...``) and retried until it is fixed, without a restart.
     ``client()`` waits (bounded) for a usable client.
     """
 
-    def __init__(self, load_config: Callable[[], Any], check_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        load_config: Callable[[], Awaitable[VaultConfig | None]],
+        check_interval: float = 5.0,
+    ) -> None:
         self._load_config = load_config
         self.check_interval = check_interval
         self._vault: Vault | None = None
@@ -191,23 +257,62 @@ class VaultSession:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
             raise VaultUnavailable(f"Vault is not usable: {self.state}") from None
-        assert self._vault is not None
-        return self._vault
+        vault = self._vault
+        if vault is None:  # dropped between the wake-up and now
+            raise VaultUnavailable(f"Vault is not usable: {self.state}")
+        return vault
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
-            level = log.info if state == "ok" else log.warning
-            level("vault state changed", state=state)
+            if state == "ok":
+                log.info("vault state changed", state=state)
+            elif state.startswith("invalid config"):
+                log.error(
+                    "vault state changed; the vault key in etcd is invalid, "
+                    "fix it with 'ckecli vault config' (retrying)",
+                    state=state,
+                )
+            else:
+                log.warning("vault state changed", state=state)
         self.state = state
 
+    def _drop(self) -> None:
+        self._ready.clear()
+        if self._vault is not None:
+            self._vault.close()
+            self._vault = None
+
+    def close(self) -> None:
+        """Forget the client and remove its files; ``run()`` does it when cancelled."""
+        self._drop()
+
+    async def _read_config(self) -> VaultConfig | None:
+        """The stored config, or None with ``state`` saying why there is none usable."""
+        try:
+            config = await self._load_config()
+        except VaultConfigError as exc:
+            self._set_state(f"invalid config: {exc}")
+            return None
+        except Exception as exc:  # etcd unreachable, timeouts: report and retry
+            self._set_state(f"cannot read the vault key: {type(exc).__name__}")
+            return None
+        if config is None:
+            self._set_state("not configured")
+        return config
+
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._drop()
+
+    async def _run(self) -> None:
         backoff = 1.0
         while True:
-            config: VaultConfig | None = await self._load_config()
+            config = await self._read_config()
             if config is None:
-                self._ready.clear()
-                self._set_state("not configured")
-                await asyncio.sleep(5)
+                self._drop()
+                await asyncio.sleep(self.check_interval)
                 continue
             vault = Vault(config.endpoint, config.ca_cert)
             try:
@@ -216,9 +321,12 @@ class VaultSession:
                 vault.close()
                 self._ready.clear()
                 self._set_state(f"unavailable: {exc}")
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(min(backoff, self.check_interval * 6))
                 backoff = min(backoff * 2, 30.0)
                 continue
+            except BaseException:
+                vault.close()
+                raise
             backoff = 1.0
             self.logins += 1
             if self._vault is not None:
@@ -226,15 +334,28 @@ class VaultSession:
             self._vault = vault
             self._ready.set()
             self._set_state("ok")
-            await self._renew_until_failure(vault, lease)
+            await self._renew_until_failure(vault, lease, config)
             self._ready.clear()
 
-    async def _renew_until_failure(self, vault: Vault, lease: float) -> None:
-        """Renew at two thirds of the lease; between renewals, check Vault is still usable."""
+    async def _config_changed(self, current: VaultConfig) -> bool:
+        """True when the stored key is now different (or invalid); etcd errors are not."""
+        try:
+            stored = await self._load_config()
+        except VaultConfigError:
+            return True
+        except Exception:
+            return False  # cannot tell now; keep the working login
+        return stored != current
+
+    async def _renew_until_failure(self, vault: Vault, lease: float, config: VaultConfig) -> None:
+        """Renew at two thirds of the lease; between renewals, check Vault and the key."""
         loop = asyncio.get_running_loop()
         renew_at = loop.time() + lease * 2 / 3 if lease > 0 else float("inf")
         while True:
             await asyncio.sleep(max(min(self.check_interval, renew_at - loop.time()), 0.2))
+            if await self._config_changed(config):
+                log.info("the vault key in etcd changed; logging in again")
+                return
             try:
                 if loop.time() < renew_at:
                     await vault.call(lambda c: c.auth.token.lookup_self())

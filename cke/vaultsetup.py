@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hvac
 import hvac.exceptions
+from pydantic import ValidationError
 
+from cke.common.durations import parse_duration
+from cke.common.etcd import format_validation_error
 from cke.pki import (
     APPROLE_NAME,
     CAS,
@@ -20,7 +23,15 @@ from cke.pki import (
     CASpec,
 )
 from cke.storage import KEY_CA_PREFIX, KEY_VAULT, Storage
-from cke.vault import Vault, VaultConfig, VaultError, parse_vault_config
+from cke.vault import (
+    INSECURE_HTTP,
+    InsecureEndpoint,
+    Vault,
+    VaultConfig,
+    VaultConfigError,
+    VaultError,
+    parse_vault_config,
+)
 
 
 def _mounts(client: hvac.Client) -> set[str]:
@@ -56,16 +67,22 @@ def _setup_ca(client: hvac.Client, ca: CASpec, mounted: bool) -> tuple[list[str]
             current = None
         wanted = role.params()
         if current is None or any(
-            _normalise(current.get(k)) != _normalise(v)
-            for k, v in wanted.items()
-            if k not in ("ttl", "max_ttl")
+            _normalise(k, current.get(k)) != _normalise(k, v) for k, v in wanted.items()
         ):
             client.secrets.pki.create_or_update_role(role.name, wanted, mount_point=ca.mount)
             changes.append(f"wrote role {ca.mount}/{role.name}")
     return changes, pem.strip() + "\n"
 
 
-def _normalise(value: object) -> object:
+def _normalise(key: str, value: object) -> object:
+    """Vault answers TTLs in seconds and lists as lists; we write ``8760h`` and lists."""
+    if key in ("ttl", "max_ttl"):
+        if isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except ValueError:
+                return value
+        return float(value) if isinstance(value, int | float) else value
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
     return value
@@ -126,9 +143,19 @@ async def _stored_login_works(storage: Storage, role_id: str, endpoint: str) -> 
 
 
 async def init_vault(
-    admin: Vault, storage: Storage, endpoint: str, ca_cert: str | None
+    admin: Vault,
+    storage: Storage,
+    endpoint: str,
+    ca_cert: str | None,
+    allow_insecure_http: bool = False,
 ) -> list[str]:
-    """Set Vault up for cke; return what changed (empty: nothing to do)."""
+    """Set Vault up for cke; return what changed (empty: nothing to do).
+
+    ``allow_insecure_http`` records the operator's opt-in to an ``http://``
+    endpoint in the stored login; without it such an endpoint is refused.
+    """
+    if endpoint.startswith("http://") and not allow_insecure_http:
+        raise InsecureEndpoint(f"endpoint: {INSECURE_HTTP}")
     changes, pems, role_id = await admin.call(_vault_steps)
     etcd_values: dict[str, str] = {}
     for name, pem in pems.items():
@@ -142,9 +169,18 @@ async def init_vault(
             return str(resp["data"]["secret_id"])
 
         secret_id = await admin.call(new_secret_id)
-        config = VaultConfig.model_validate(
-            {"endpoint": endpoint, "role-id": role_id, "secret-id": secret_id, "ca-cert": ca_cert}
-        )
+        doc: dict[str, object] = {
+            "endpoint": endpoint,
+            "role-id": role_id,
+            "secret-id": secret_id,
+            "ca-cert": ca_cert,
+        }
+        if allow_insecure_http and endpoint.startswith("http://"):
+            doc["allow-insecure-http"] = True
+        try:
+            config = VaultConfig.model_validate(doc)
+        except ValidationError as exc:
+            raise VaultConfigError(format_validation_error(exc)) from None
         etcd_values[KEY_VAULT] = config.to_json()
         changes.append("stored the AppRole login for cke in etcd")
     await storage.put_many(etcd_values)

@@ -34,12 +34,27 @@ from cke.cluster import (
 )
 from cke.common.durations import parse_duration
 from cke.common.etcd import ConfigError, load_etcd_settings, make_client
+from cke.common.logs import error_line
 from cke.etcdadmin import EtcdAdmin, EtcdCredentials
-from cke.pki import CA_BY_NAME, SECRETS_MOUNT, CertIssuer, IssuedCert
+from cke.pki import (
+    CA_BY_NAME,
+    SECRETS_MOUNT,
+    USER_CLIENT_TTL,
+    CertIssuer,
+    IssuedCert,
+    reserved_etcd_user_problem,
+)
 from cke.records import Record
 from cke.server.safety import check_control_plane_change
-from cke.storage import KEY_CA_PREFIX, KEY_VAULT, Conflict, Storage
-from cke.vault import Vault, VaultError, parse_vault_config
+from cke.storage import (
+    KEY_CA_PREFIX,
+    KEY_VAULT,
+    Conflict,
+    Storage,
+    UnreadableValue,
+    stored_text,
+)
+from cke.vault import INSECURE_HTTP, InsecureEndpoint, Vault, VaultError, parse_vault_config
 from cke.vaultsetup import init_vault
 
 
@@ -73,9 +88,7 @@ async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
         raise CLIError(f"{args.file}: {exc}") from exc
     current = await storage.get_cluster()
     constraints_raw = await storage.get_constraints()
-    constraints = constraints_from_json(
-        constraints_raw.value.decode() if constraints_raw.value else None
-    )
+    constraints = constraints_from_json(stored_text(constraints_raw.value, "constraints"))
     new_constraints_json = None
     if args.control_plane_count is not None:
         # Scaling changes the cluster and this constraint together: one transaction.
@@ -94,7 +107,7 @@ async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
     refused = check_control_plane_change(status.etcd_members if status else [], cluster)
     if refused is not None:
         raise CLIError(f"{args.file}: refused by rule {refused.rule}: {refused.message}")
-    old_yaml = cluster_to_yaml(cluster_from_json(current.value.decode())) if current.value else ""
+    old_yaml = _stored_cluster_yaml(current.value)
     new_yaml = cluster_to_yaml(cluster)
     if old_yaml == new_yaml and new_constraints_json is None:
         print("cluster unchanged")
@@ -122,7 +135,7 @@ async def cmd_cluster_get(storage: Storage, args: argparse.Namespace) -> None:
     current = await storage.get_cluster()
     if current.value is None:
         raise CLIError("no cluster configuration is stored yet; use 'ckecli cluster set FILE'")
-    cluster = cluster_from_json(current.value.decode())
+    cluster = cluster_from_json(_stored_cluster_text(current.value))
     if args.output == "json":
         print(json.dumps(json.loads(cluster_to_json(cluster)), indent=2))
     else:
@@ -131,14 +144,14 @@ async def cmd_cluster_get(storage: Storage, args: argparse.Namespace) -> None:
 
 async def cmd_constraints_show(storage: Storage, args: argparse.Namespace) -> None:
     raw = await storage.get_constraints()
-    constraints = constraints_from_json(raw.value.decode() if raw.value else None)
+    constraints = constraints_from_json(stored_text(raw.value, "constraints"))
     doc = json.loads(constraints_to_json(constraints))
     _emit(doc, args.output, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
 
 
 async def cmd_constraints_set(storage: Storage, args: argparse.Namespace) -> None:
     raw = await storage.get_constraints()
-    current = constraints_from_json(raw.value.decode() if raw.value else None)
+    current = constraints_from_json(stored_text(raw.value, "constraints"))
     try:
         updated = set_constraint(current, args.name, args.value)
     except ClusterError as exc:
@@ -146,7 +159,7 @@ async def cmd_constraints_set(storage: Storage, args: argparse.Namespace) -> Non
     cluster_raw = await storage.get_cluster()
     if cluster_raw.value is not None:
         try:
-            validate_cluster(cluster_from_json(cluster_raw.value.decode()), updated)
+            validate_cluster(cluster_from_json(_stored_cluster_text(cluster_raw.value)), updated)
         except ClusterError as exc:
             raise CLIError(f"the stored cluster would be invalid: {exc}") from exc
     try:
@@ -174,8 +187,8 @@ def _record_line(r: Record) -> str:
 
 
 async def cmd_history(storage: Storage, args: argparse.Namespace) -> None:
-    if args.n < 0:
-        raise CLIError("-n: must not be negative")
+    if not 0 <= args.n <= MAX_HISTORY:
+        raise CLIError(f"-n: must be between 0 and {MAX_HISTORY} (0: all)")
     records = await storage.get_records(args.n)
     docs = [r.to_dict() for r in records]
     _emit(docs, args.output, lambda _: "\n".join(_record_line(r) for r in records))
@@ -224,13 +237,48 @@ async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
     _emit(doc, args.output, _status_text)
 
 
-async def _read_input(path: str) -> str:
+# No input of ckecli is anywhere near this; it bounds what is read into memory.
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+# cke keeps the last 1,000 records.
+MAX_HISTORY = 1_000_000
+
+
+def _read_bytes(path: str) -> bytes:
     if path == "-":
-        return sys.stdin.read()
+        return sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    with open(path, "rb") as f:
+        return f.read(MAX_INPUT_BYTES + 1)
+
+
+async def _read_input(path: str) -> str:
+    """A whole input file (or stdin) as UTF-8 text; one-line errors, nothing half read."""
     try:
-        return await asyncio.to_thread(Path(path).read_text)
+        data = await asyncio.to_thread(_read_bytes, path)
     except OSError as exc:
         raise CLIError(f"{path}: {exc.strerror}") from exc
+    if len(data) > MAX_INPUT_BYTES:
+        raise CLIError(f"{path}: larger than {MAX_INPUT_BYTES} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _stored_cluster_text(value: bytes | None) -> str:
+    text = stored_text(value, "cluster")
+    if text is None:
+        raise CLIError("no cluster configuration is stored yet; use 'ckecli cluster set FILE'")
+    return text
+
+
+def _stored_cluster_yaml(value: bytes | None) -> str:
+    """The stored cluster as YAML for a diff ("" when none, or when it is unreadable)."""
+    if value is None:
+        return ""
+    try:
+        return cluster_to_yaml(cluster_from_json(_stored_cluster_text(value)))
+    except (ClusterError, UnreadableValue):
+        return ""
 
 
 async def _vault_from_etcd(storage: Storage) -> Vault:
@@ -238,7 +286,12 @@ async def _vault_from_etcd(storage: Storage) -> Vault:
     stored = await storage.get_vault_config()
     if stored.value is None:
         raise CLIError("Vault is not configured; run 'ckecli vault init' or 'vault config'")
-    config = parse_vault_config(stored.value)
+    try:
+        config = parse_vault_config(stored.value)
+    except VaultError as exc:
+        raise CLIError(
+            f"the vault key in etcd is invalid: {exc}; fix it with 'vault config'"
+        ) from exc
     vault = Vault(config.endpoint, config.ca_cert)
     try:
         await vault.login_approle(config.role_id, config.secret_id)
@@ -255,12 +308,17 @@ async def cmd_vault_init(storage: Storage, args: argparse.Namespace) -> None:
         raise CLIError("VAULT_ADDR: required (the Vault URL)")
     if not token:
         raise CLIError("VAULT_TOKEN: required (a token allowed to set Vault up)")
+    if endpoint.startswith("http://") and not args.allow_insecure_http:
+        raise CLIError(
+            "VAULT_ADDR: http:// would send the token and the secret-id in clear; "
+            "want https:// (or --allow-insecure-http, for a lab)"
+        )
     ca_cert = None
     if os.environ.get("VAULT_CACERT"):
         ca_cert = await _read_input(os.environ["VAULT_CACERT"])
     admin = Vault(endpoint, ca_cert, token=token)
     try:
-        changes = await init_vault(admin, storage, endpoint, ca_cert)
+        changes = await init_vault(admin, storage, endpoint, ca_cert, args.allow_insecure_http)
     except VaultError as exc:
         raise CLIError(f"vault init: {exc}") from exc
     finally:
@@ -274,7 +332,11 @@ async def cmd_vault_init(storage: Storage, args: argparse.Namespace) -> None:
 async def cmd_vault_config(storage: Storage, args: argparse.Namespace) -> None:
     text = await _read_input(args.file)
     try:
-        config = parse_vault_config(text)
+        config = parse_vault_config(text, allow_insecure_http=args.allow_insecure_http)
+    except InsecureEndpoint as exc:
+        raise CLIError(
+            f"vault config: endpoint: {INSECURE_HTTP} (or --allow-insecure-http, for a lab)"
+        ) from exc
     except VaultError as exc:
         raise CLIError(f"vault config: {exc}") from exc
     probe = Vault(config.endpoint, config.ca_cert)
@@ -341,6 +403,7 @@ async def cmd_ca_get(storage: Storage, args: argparse.Namespace) -> None:
 
 
 def _write_cert_files(prefix: str, cert: IssuedCert) -> None:
+    # cert.ca_certificate is the server CA (see _issue_etcd): what etcdctl --cacert wants.
     Path("etcd-ca.crt").write_text(cert.ca_certificate)
     Path(f"{prefix}.crt").write_text(cert.certificate)
     fd = os.open(f"{prefix}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -351,13 +414,20 @@ def _write_cert_files(prefix: str, cert: IssuedCert) -> None:
 
 
 async def _issue_etcd(storage: Storage, user: str, ttl: str | None, output: str) -> None:
+    # As CKE: the CA in the output is the one that signed the etcd servers' certificates
+    # (cke/ca-server), so that etcdctl --cacert verifies the server; not the client CA.
+    server_ca = await storage.get_ca("server")
+    if server_ca is None:
+        raise CLIError("no CA certificate ca/server; run 'ckecli vault init'")
     vault = await _vault_from_etcd(storage)
     try:
-        cert = await CertIssuer(vault).etcd_client(user, ttl)
+        issuer = CertIssuer(vault)
+        issued = await (issuer.etcd_client(user) if user == "root" else issuer.etcd_user(user, ttl))
     except VaultError as exc:
         raise CLIError(f"issue: {exc}") from exc
     finally:
         vault.close()
+    cert = IssuedCert(issued.certificate, issued.private_key, server_ca, issued.serial)
     if output == "file":
         await asyncio.to_thread(_write_cert_files, f"etcd-{user}", cert)
     else:
@@ -368,19 +438,18 @@ async def cmd_etcd_root_issue(storage: Storage, args: argparse.Namespace) -> Non
     await _issue_etcd(storage, "root", None, args.output)
 
 
-def _reserved_etcd_user(user: str) -> bool:
-    return not user or user == "root" or user.startswith("system:")
-
-
 async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
-    if _reserved_etcd_user(args.user):
-        raise CLIError("USER: root and system: names are reserved")
+    problem = reserved_etcd_user_problem(args.user)
+    if problem is not None:
+        raise CLIError(f"USER: {problem}")
     if not args.prefix.startswith("/"):
         raise CLIError("PREFIX: must start with /")
     current = await storage.get_cluster()
     if current.value is None:
         raise CLIError("no cluster configuration is stored yet")
-    addresses = [n.address for n in cluster_from_json(current.value.decode()).control_planes]
+    addresses = [
+        n.address for n in cluster_from_json(_stored_cluster_text(current.value)).control_planes
+    ]
     server_ca = await storage.get_ca("server")
     if server_ca is None:
         raise CLIError("no CA certificate ca/server; run 'ckecli vault init'")
@@ -402,19 +471,25 @@ async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
     try:
         await admin.user_add(addresses, args.user, args.prefix)
     except EtcdError as exc:
-        raise CLIError(f"etcd: {str(exc).splitlines()[0]}") from exc
+        raise CLIError(f"etcd: {error_line(exc)}") from exc
     finally:
         await admin.close()
     print(f"user {args.user} may read and write keys under {args.prefix}")
 
 
 async def cmd_etcd_issue(storage: Storage, args: argparse.Namespace) -> None:
-    if _reserved_etcd_user(args.user):
-        raise CLIError("USER: use root-issue for root; system: names are reserved")
+    problem = reserved_etcd_user_problem(args.user)
+    if problem is not None:
+        hint = " (use root-issue for root)" if args.user == "root" else ""
+        raise CLIError(f"USER: {problem}{hint}")
     try:
-        parse_duration(args.ttl)
+        seconds = parse_duration(args.ttl)
     except ValueError as exc:
         raise CLIError(f"--ttl: {exc}") from exc
+    if seconds <= 0:
+        raise CLIError(f"--ttl: must be positive, got {args.ttl!r}")
+    if seconds > parse_duration(USER_CLIENT_TTL):
+        raise CLIError(f"--ttl: at most {USER_CLIENT_TTL} (the cap of the user role)")
     await _issue_etcd(storage, args.user, args.ttl, args.output)
 
 
@@ -458,9 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     vault = sub.add_parser("vault", help="Vault set-up and secrets")
     vsub = vault.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    insecure = "accept an http:// Vault endpoint (secrets in clear; labs only)"
     p = vsub.add_parser("init", help="set Vault up for cke (VAULT_ADDR, VAULT_TOKEN)")
+    p.add_argument("--allow-insecure-http", action="store_true", help=insecure)
     p.set_defaults(func=cmd_vault_init)
     p = vsub.add_parser("config", help="store the AppRole login (JSON file or -)")
+    p.add_argument("--allow-insecure-http", action="store_true", help=insecure)
     p.add_argument("file")
     p.set_defaults(func=cmd_vault_config)
     p = vsub.add_parser("ssh-privkey", help="store an SSH private key for nodes")
@@ -490,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix")
     p.set_defaults(func=cmd_etcd_user_add)
     p = esub.add_parser("issue", help="a client certificate for USER")
-    p.add_argument("--ttl", "-ttl", default="87600h")
+    p.add_argument("--ttl", "-ttl", default=USER_CLIENT_TTL, help=f"at most {USER_CLIENT_TTL}")
     p.add_argument("--output", "-output", choices=("json", "file"), default="json")
     p.add_argument("user")
     p.set_defaults(func=cmd_etcd_issue)
@@ -530,10 +608,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ckecli: {exc}", file=sys.stderr)
         return 1
     except EtcdError as exc:
-        print(f"ckecli: etcd: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"ckecli: etcd: {error_line(exc)}", file=sys.stderr)
+        return 1
+    except (ClusterError, UnreadableValue) as exc:  # a stored value that cannot be used
+        print(f"ckecli: stored configuration: {error_line(exc)}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a traceback: one line that says what failed
+        print(f"ckecli: unexpected error: {type(exc).__name__}: {error_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,6 +20,8 @@ Rule names:
 ``keep-etcd-majority``          (5) the new control planes keep a majority of the voters
 ``learner-caught-up``           (6) promote a learner only once it is in sync
 ``leader-moved-first``          (7) move leadership away before stopping the leader
+``replacement-added-first``     (8) a healthy member leaves only once every desired
+                                control plane is a voter
 ==============================  =====================================================
 """
 
@@ -41,6 +43,7 @@ __all__ = [
     "RULE_LEADER_MOVED_FIRST",
     "RULE_LEARNER_CAUGHT_UP",
     "RULE_ONE_ENTRY_PER_MACHINE",
+    "RULE_REPLACEMENT_ADDED_FIRST",
     "Blocked",
     "all_control_planes_reachable",
     "check_control_plane_change",
@@ -54,6 +57,7 @@ __all__ = [
     "learner_caught_up",
     "one_entry_per_machine",
     "quorum",
+    "replacement_added_first",
     "same_machine_addresses",
 ]
 
@@ -66,6 +70,7 @@ RULE_DESTROY_ONLY_NON_MEMBERS = "destroy-only-non-members"
 RULE_KEEP_ETCD_MAJORITY = "keep-etcd-majority"
 RULE_LEARNER_CAUGHT_UP = "learner-caught-up"
 RULE_LEADER_MOVED_FIRST = "leader-moved-first"
+RULE_REPLACEMENT_ADDED_FIRST = "replacement-added-first"
 
 
 @dataclass(frozen=True)
@@ -389,4 +394,28 @@ def leader_moved_first(status: ClusterStatus, member: EtcdMember) -> Blocked | N
         f"etcd member {member.address} is the leader and no other voter is in sync to take "
         "over leadership; it is left alone until one is.",
         (member.address,),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rule 8.  Replacing a healthy member by removing it first leaves one voter fewer
+# for the whole replacement (a 3-member cluster then survives no further failure
+# until the newcomer is promoted).  Add and promote the replacement first.
+# ---------------------------------------------------------------------------
+
+
+def replacement_added_first(
+    status: ClusterStatus, cluster: Cluster, member: EtcdMember
+) -> Blocked | None:
+    """Refuse to remove the healthy voter ``member`` while a desired control plane is
+    not a voter yet: its replacement joins (as a learner, then promoted) first."""
+    voters = {v.address for v in status.etcd.voters}
+    waiting = sorted(n.address for n in cluster.control_planes if n.address not in voters)
+    if not waiting:
+        return None
+    return Blocked(
+        RULE_REPLACEMENT_ADDED_FIRST,
+        f"etcd member {member.address} leaves once control plane(s) {_names(waiting)} "
+        "joined as voters, so that the cluster never has fewer voters than it should.",
+        (member.address, *waiting),
     )

@@ -17,11 +17,14 @@ The etcd part follows CKE's ``server/strategy.go``:
 3. **wait** - etcd does not answer or has no healthy leader: only time (or the
    starts above) can fix that, so ``etcd-wait`` with no operator.
 4. **maintain** - at most ONE operator, the first of these whose rules pass:
-   a. remove a member that is not a desired control plane (unhealthy ones first,
-      the leader last);
+   a. remove an unhealthy member that is not a desired control plane;
    b. promote a desired learner that is in sync;
    c. add a missing desired control plane as a learner - only with no learner
       pending, and only once the node is clean (no data, etcd not running);
+   a'. remove a healthy member that is not a desired control plane (the leader last),
+      only once every desired control plane is a voter: a healthy member being
+      replaced leaves after its replacement was added and promoted (CKE removes
+      first, which leaves one voter fewer for the whole replacement);
    d. repair a desired member whose node lost its data (reachable, no data, not
       running): remove it; it is re-added by (c) next round;
    e. destroy the etcd data of a reachable node that is not a member but has data
@@ -68,6 +71,7 @@ from cke.server.safety import (
     leader_transfer_target,
     learner_caught_up,
     one_entry_per_machine,
+    replacement_added_first,
     same_machine_addresses,
 )
 
@@ -253,9 +257,10 @@ class _Etcd:
 
     def maintain(self) -> Operator | None:
         for step in (
-            self.remove_dropped,
+            self.remove_dead_dropped,
             self.promote_learner,
             self.add_member,
+            self.remove_healthy_dropped,
             self.repair_lost_data,
             self.destroy_data,
             self.restart_outdated,
@@ -267,11 +272,25 @@ class _Etcd:
 
     # -- maintenance steps (each returns its operator, or records why not) --
 
-    def remove_dropped(self) -> Operator | None:
-        """(a) Remove a member whose address is not a desired control plane."""
-        dropped = [m for m in self.etcd.members if m.address not in self.cp_addresses]
-        # Dead members first (removing them never costs quorum), the leader last.
-        dropped.sort(key=lambda m: (m.healthy, self.is_leader(m), m.address, m.id))
+    def remove_dead_dropped(self) -> Operator | None:
+        """(a) Remove an unhealthy member that is not a desired control plane: it counts
+        in the quorum without voting, and blocks every other membership change (rule 2)."""
+        return self.remove_dropped(healthy=False)
+
+    def remove_healthy_dropped(self) -> Operator | None:
+        """(a') Remove a healthy member that is not a desired control plane, once every
+        desired control plane is a voter: a replacement is added and promoted before
+        the member it replaces leaves, so the voters never drop below the desired count."""
+        return self.remove_dropped(healthy=True)
+
+    def remove_dropped(self, healthy: bool) -> Operator | None:
+        dropped = [
+            m
+            for m in self.etcd.members
+            if m.address not in self.cp_addresses and m.healthy == healthy
+        ]
+        # The leader last.
+        dropped.sort(key=lambda m: (self.is_leader(m), m.address, m.id))
         for m in dropped:
             checks: list[Check] = [
                 *self.membership_gate(excluding=[m.id]),
@@ -279,6 +298,8 @@ class _Etcd:
                 partial(keep_quorum, self.status, m, removing=True),
                 partial(leader_moved_first, self.status, m),
             ]
+            if healthy and not m.learner:
+                checks.insert(0, partial(replacement_added_first, self.status, self.cluster, m))
             if not m.learner:
                 # Removing a voter may lose the data unless the new control planes keep
                 # a majority of the voters; adding first (step c) gets there safely.

@@ -182,7 +182,11 @@ async def test_ckecli_etcd_certificates(deployed: VaultDeployment, tmp_path: Pat
     doc = json.loads(out)
     assert set(doc) == {"ca_certificate", "certificate", "private_key"}
     root = x509.load_pem_x509_certificate(doc["certificate"].encode())
-    root.verify_directly_issued_by(x509.load_pem_x509_certificate(doc["ca_certificate"].encode()))
+    _, client_ca, _ = await deployed.ckecli("ca", "get", "etcd-client")
+    root.verify_directly_issued_by(x509.load_pem_x509_certificate(client_ca.encode()))
+    # As CKE: ca_certificate is the CA of the etcd servers, for the client to verify them.
+    _, server_ca, _ = await deployed.ckecli("ca", "get", "server")
+    assert doc["ca_certificate"].strip() == server_ca.strip()
     assert root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "root"
     assert _lifetime(root) <= dt.timedelta(hours=2)
 

@@ -19,6 +19,7 @@ from cke.server.safety import (
     RULE_LEADER_MOVED_FIRST,
     RULE_LEARNER_CAUGHT_UP,
     RULE_ONE_ENTRY_PER_MACHINE,
+    RULE_REPLACEMENT_ADDED_FIRST,
     Blocked,
     all_control_planes_reachable,
     check_control_plane_change,
@@ -32,6 +33,7 @@ from cke.server.safety import (
     learner_caught_up,
     one_entry_per_machine,
     quorum,
+    replacement_added_first,
     same_machine_addresses,
 )
 from tests.unit.etcd_builders import member
@@ -322,3 +324,26 @@ def test_leader_moved_first_allows_non_leader_and_movable_leader() -> None:
 def test_leader_moved_first_refuses_when_no_target() -> None:
     st = status(member(A, leader=True), member(B, healthy=False), member(C, raft_index=1))
     assert_blocked(leader_moved_first(st, member(A)), RULE_LEADER_MOVED_FIRST, [A])
+
+
+# Rule 8: replacement-added-first
+
+
+def test_replacement_added_first_allows_when_every_control_plane_votes() -> None:
+    st = status(member(A, leader=True), member(B), member(C), member(D))
+    assert replacement_added_first(st, cluster([B, C, D], [A]), member(A)) is None
+
+
+def test_replacement_added_first_refuses_while_a_control_plane_is_missing_or_learning() -> None:
+    st = status(member(A, leader=True), member(B), member(C))
+    assert_blocked(
+        replacement_added_first(st, cluster([B, C, D]), member(A)),
+        RULE_REPLACEMENT_ADDED_FIRST,
+        [A, D],
+    )
+    learning = status(member(A, leader=True), member(B), member(C), member(D, learner=True))
+    assert_blocked(
+        replacement_added_first(learning, cluster([B, C, D]), member(A)),
+        RULE_REPLACEMENT_ADDED_FIRST,
+        [A, D],
+    )

@@ -502,13 +502,45 @@ def test_restart_waits_until_previous_member_caught_up() -> None:
 # ---------------------------------------------------------------------------
 
 
+def test_healthy_member_is_replaced_add_and_promote_first() -> None:
+    # Issue 11, point 3: A is retiring (healthy) and replaced by D. CKE removes A first,
+    # leaving a 2-voter cluster for the whole replacement; here D joins first.
+    c = cluster([B, C, D], [A])
+    s = healthy(c, [A, B, C], [clean(D)])
+    d = run(c, s)
+    only(d, EtcdAddMemberOp, [D])
+    assert d.blocked == []
+    s = with_member(s, member(D, learner=True))
+    s = with_node(s, running(c, D))
+    only(run(c, s), EtcdPromoteOp, [D])
+    s = with_member(s, member(D))
+    only(run(c, s), EtcdRemoveMemberOp, [A])
+
+
+def test_healthy_member_stays_while_its_replacement_cannot_join() -> None:
+    c = cluster([B, C, D], [A])
+    s = healthy(c, [A, B, C], [clean(D, ssh_ok=False)])  # D is unreachable
+    d = run(c, s)
+    assert d.operators == [] and d.phase is ETCD_MAINTAIN_ABORTED
+    assert rules(d) == {
+        "all-control-planes-reachable": (D,),
+        "replacement-added-first": (A, D),
+    }
+
+
+def test_dead_member_is_removed_before_its_replacement_joins() -> None:
+    c = cluster([B, C, D], [A])
+    s = healthy(c, [B, C], [clean(D), NodeStatus(A, ssh_ok=False)])
+    s = with_member(s, member(A, healthy=False, raft_index=0))
+    only(run(c, s), EtcdRemoveMemberOp, [A])
+
+
 def test_losing_majority_config_adds_before_removing() -> None:
     c = cluster([A, D, E], [B, C])
     s = healthy(c, [A, B, C], [clean(D), clean(E)])
     d = run(c, s)
     only(d, EtcdAddMemberOp, [D])
-    assert d.phase is Phase.ETCD_MAINTAIN
-    assert rules(d) == {"keep-etcd-majority": (B, C)}
+    assert d.phase is Phase.ETCD_MAINTAIN and d.blocked == []
 
     # With D and E voters, A, D, E keep 3 of 5: removals proceed.
     s = healthy(c, [A, B, C, D, E])
@@ -624,6 +656,7 @@ def test_decision_safety_properties(scenario: tuple[Cluster, ClusterStatus]) -> 
     etcd = s.etcd
     member_addresses = {m.address for m in etcd.members}
     mismatched = {a for a, ns in s.nodes.items() if ns.host_key_mismatch}
+    cps = c.control_planes
     same_machine = same_machine_addresses(s)
     voters = etcd.voters
 
@@ -645,6 +678,9 @@ def test_decision_safety_properties(scenario: tuple[Cluster, ClusterStatus]) -> 
         if isinstance(op, EtcdRemoveMemberOp) and not op.member.learner:
             remaining = [v for v in voters if v.id != op.member.id]
             assert sum(v.healthy for v in remaining) >= quorum(len(remaining))
+            if op.member.healthy and op.member.address not in {n.address for n in cps}:
+                # A healthy member being replaced leaves only after its replacement.
+                assert {n.address for n in cps} <= {v.address for v in voters}
         if isinstance(op, EtcdRestartOp):
             m = etcd.member(op.node.address)
             assert m is not None
@@ -684,6 +720,7 @@ def test_decision_safety_properties(scenario: tuple[Cluster, ClusterStatus]) -> 
         "learner-caught-up",
         "leader-moved-first",
         "one-entry-per-machine",
+        "replacement-added-first",
     }
     assert {b.rule for b in d.blocked} <= known
     if not d.operators and d.blocked:
