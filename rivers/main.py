@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="processes accepting connections: a number, or auto (CPUs, at most 4)",
     )
+    parser.add_argument(
+        "--max-connections",
+        default="auto",
+        help="client connections at most, over all workers; beyond, new clients are closed "
+        "at once. auto: what the descriptor limit allows; 0: no limit",
+    )
     return parser
 
 
@@ -147,6 +153,21 @@ def _workers(text: str) -> int:
     return int(text)
 
 
+MAX_CONNECTIONS = 10_000_000
+
+
+def _max_connections(text: str, workers: int) -> int | None:
+    """Each process's share of --max-connections (rounded up); None is auto."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) > MAX_CONNECTIONS:
+        raise FlagError(
+            f"--max-connections: want auto, 0 (no limit) or 1-{MAX_CONNECTIONS}, got {text!r}"
+        )
+    total = int(text)
+    return -(-total // workers)
+
+
 def parse_args(argv: Sequence[str]) -> Options:
     """Parse and validate every flag; raises FlagError naming the bad one."""
     args = build_parser().parse_args(list(argv))
@@ -156,6 +177,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         )
     if args.event_loop == "uvloop" and not _uvloop_available():
         raise FlagError("--event-loop: uvloop is not installed")
+    workers = _workers(args.workers)
     proxy = ProxyConfig(
         listen=parse_host_port("--listen", args.listen),
         upstreams=parse_upstreams(args.upstreams),
@@ -163,6 +185,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         dial_timeout=_duration("--dial-timeout", args.dial_timeout, positive=True),
         dial_keep_alive=_duration("--dial-keep-alive", args.dial_keep_alive, positive=False),
         shutdown_timeout=_duration("--shutdown-timeout", args.shutdown_timeout, positive=False),
+        max_connections=_max_connections(args.max_connections, workers),
     )
     metrics = parse_host_port("--metrics", args.metrics) if args.metrics else None
     return Options(
@@ -172,7 +195,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         logformat=args.logformat,
         loglevel=args.loglevel,
         event_loop=args.event_loop,
-        workers=_workers(args.workers),
+        workers=workers,
     )
 
 

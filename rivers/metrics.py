@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from cke.common.logs import get_logger
-from rivers.proxy import HostPort, Snapshot
+from rivers.proxy import HostPort, Snapshot, listen_sockets
 
 # Returns the counters to serve: the local proxy's, or every worker's merged.
 SnapshotSource = Callable[[], Awaitable[Snapshot]]
@@ -82,6 +82,24 @@ class RiversCollector(Collector):
             "rivers_workers", "Worker processes whose counters are in this scrape."
         )
         workers.add_metric([], snap.get("workers", 1))
+        shed = CounterMetricFamily(
+            "rivers_connections_shed",
+            "New clients closed at once because --max-connections was reached.",
+        )
+        shed.add_metric([], snap["shed"])
+        limit = GaugeMetricFamily(
+            "rivers_connections_limit",
+            "Client connections allowed (sum over workers); 0 means no limit.",
+        )
+        limit.add_metric([], snap["max_connections"])
+        local_errors = CounterMetricFamily(
+            "rivers_local_errors",
+            "Dials (proxying and health checks) failed for a local reason "
+            "(EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL); upstream health unchanged.",
+            labels=["error"],
+        )
+        for name, count in sorted(snap["local_errors"].items()):
+            local_errors.add_metric([name], count)
         yield from (
             accepted,
             active,
@@ -91,6 +109,9 @@ class RiversCollector(Collector):
             no_upstream,
             dialing,
             workers,
+            shed,
+            limit,
+            local_errors,
         )
 
 
@@ -101,22 +122,31 @@ class MetricsServer:
         self.collector = RiversCollector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
-        """Bind (raises OSError if it cannot)."""
-        self._server = await asyncio.start_server(
-            self._handle, self.address.host, self.address.port, reuse_address=True
-        )
+        """Bind (raises OSError if it cannot).
+
+        On the proxy's ``Listener`` sockets: out of descriptors, a scrape waits (asyncio)
+        or is closed (uvloop) instead of making the accept loop spin.
+        """
+        sockets = await listen_sockets(self.address)
+        try:
+            for sock in sockets:
+                self._servers.append(await asyncio.start_server(self._handle, sock=sock))
+        except BaseException:
+            self.close()
+            for sock in sockets:
+                sock.close()
+            raise
 
     @property
     def bound_port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._servers[0].sockets[0].getsockname()[1])
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
 
     def _health(self, snap: Snapshot) -> tuple[int, bytes]:
         states = {name: bool(f["healthy"]) for name, f in snap["upstreams"].items()}

@@ -35,7 +35,7 @@ import socket
 import sys
 
 from cke.common.logs import get_logger
-from rivers.proxy import Proxy, Snapshot, merge_snapshots
+from rivers.proxy import Listener, Proxy, Snapshot, merge_snapshots
 
 log = get_logger("rivers")
 
@@ -184,7 +184,7 @@ def die_with_parent(main_pid: int) -> None:
 
 
 async def serve_worker(proxy: Proxy, listen_fds: list[int], control_fd: int, index: int) -> int:
-    sockets = [socket.socket(fileno=fd) for fd in listen_fds]
+    sockets: list[socket.socket] = [Listener(fileno=fd) for fd in listen_fds]
     await proxy.start(sockets)
     stop = asyncio.Event()
     orphaned = False

@@ -86,6 +86,18 @@ BAD_FLAGS: list[tuple[list[str], str]] = [
     ),
     (["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--workers", "0"], "--workers"),
     (["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--workers", "many"], "--workers"),
+    (
+        ["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--max-connections", "-1"],
+        "--max-connections",
+    ),
+    (
+        ["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--max-connections", "abc"],
+        "--max-connections",
+    ),
+    (
+        ["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--max-connections", "1e3"],
+        "--max-connections",
+    ),
     (["--listen", "127.0.0.1:0", "--upstreams", GOOD_UPSTREAM, "--no-such-flag"], "--no-such-flag"),
 ]
 

@@ -12,6 +12,7 @@ import hashlib
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import sys
@@ -96,7 +97,12 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 class Rivers:
     """One ``rivers`` process; always stopped by its PID in ``finally``."""
 
-    def __init__(self, upstreams: list[str], *extra: str, tmp: Path) -> None:
+    def __init__(
+        self, upstreams: list[str], *extra: str, tmp: Path, nofile: int | None = None
+    ) -> None:
+        # nofile: RLIMIT_NOFILE (soft and hard) of the rivers process, to run it out
+        # of descriptors.
+        self.nofile = nofile
         self.port = free_port()
         self.metrics_port = free_port()
         self.logfile = tmp / f"rivers-{self.port}.log"
@@ -127,9 +133,20 @@ class Rivers:
         assert self.proc is not None
         return self.proc.pid
 
+    def _limit_descriptors(self) -> None:
+        # In the child between fork and exec: rivers raises its soft limit to the hard
+        # one at start, so lower both.
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
     async def start(self) -> Rivers:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rivers.main", *self.args, stderr=asyncio.subprocess.PIPE
+            sys.executable,
+            "-m",
+            "rivers.main",
+            *self.args,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=None if self.nofile is None else self._limit_descriptors,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import random
+import resource
+import socket
 
 import pytest
 
 from rivers.main import FlagError, parse_args, parse_host_port, parse_upstreams
-from rivers.proxy import HostPort, Upstream, dial_order
+from rivers.proxy import (
+    FD_RESERVE,
+    HostPort,
+    Upstream,
+    connection_limit,
+    dial_order,
+    local_errno,
+    merge_snapshots,
+)
 
 
 def test_defaults_match_cke_rivers() -> None:
@@ -127,3 +138,66 @@ def test_workers_flag() -> None:
     for bad in ("0", "-1", "65", "two"):
         with pytest.raises(FlagError, match="--workers"):
             parse_args([*base, "--workers", bad])
+
+
+def test_max_connections_flag() -> None:
+    base = ["--listen", "127.0.0.1:16443", "--upstreams", "10.0.0.1:6443", "--workers", "1"]
+    assert parse_args(base).proxy.max_connections is None  # auto
+    assert parse_args([*base, "--max-connections", "0"]).proxy.max_connections == 0
+    assert parse_args([*base, "--max-connections", "500"]).proxy.max_connections == 500
+    # Split over the workers, rounded up.
+    three = [*base, "--workers", "3", "--max-connections", "10"]
+    assert parse_args(three).proxy.max_connections == 4
+    for bad in ("-1", "abc", "1.5", "", "10000001"):
+        with pytest.raises(FlagError, match=r"^--max-connections: "):
+            parse_args([*base, "--max-connections", bad])
+
+
+def test_connection_limit_from_the_descriptor_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 4096))
+    cap = (1024 - FD_RESERVE - 3) // 2
+    assert connection_limit(None, 3) == (cap, cap)  # auto
+    assert connection_limit(100, 3) == (100, cap)
+    assert connection_limit(10_000, 3) == (cap, cap)  # more than descriptors allow
+    assert connection_limit(0, 3) == (0, cap)  # no limit
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (resource.RLIM_INFINITY,) * 2)
+    assert connection_limit(None, 3) == (0, 0)
+    assert connection_limit(100, 3) == (100, 0)
+
+
+def test_local_errors_are_told_from_upstream_errors() -> None:
+    for code in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL):
+        assert local_errno(OSError(code, "x")) == errno.errorcode[code]
+    for exc in (
+        ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
+        OSError(errno.EHOSTUNREACH, "no route"),
+        OSError(errno.ENETUNREACH, "unreachable"),
+        TimeoutError(),
+        socket.gaierror(socket.EAI_NONAME, "unknown host"),
+    ):
+        assert local_errno(exc) is None
+
+
+def _snap(shed: int, limit: int, local: dict[str, int]) -> dict[str, object]:
+    return {
+        "upstreams": {},
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "no_upstream": 0,
+        "dialing": 0,
+        "workers": 1,
+        "shed": shed,
+        "max_connections": limit,
+        "local_errors": local,
+    }
+
+
+def test_merged_limits_and_local_errors() -> None:
+    merged = merge_snapshots(
+        [_snap(1, 50, {"EMFILE": 2}), _snap(2, 50, {"EMFILE": 1, "ENFILE": 4})]
+    )
+    assert merged["shed"] == 3
+    assert merged["max_connections"] == 100
+    assert merged["local_errors"] == {"EMFILE": 3, "ENFILE": 4}
+    # One worker without a limit: no limit overall.
+    assert merge_snapshots([_snap(0, 50, {}), _snap(0, 0, {})])["max_connections"] == 0
