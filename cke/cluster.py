@@ -720,7 +720,8 @@ _StrictLoader.add_constructor(
 )
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml_document(text: str) -> Any:
+    """YAML (or JSON) text -> data, with the strict loader; ClusterError on bad syntax."""
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -758,7 +759,7 @@ def _kind(data: Any) -> str:
 
 def parse_cluster(text: str) -> Cluster:
     """YAML (or JSON) text -> a Cluster that passes ``check_cluster``; else ClusterError."""
-    return _cluster_from_data(_load_yaml(text))
+    return _cluster_from_data(load_yaml_document(text))
 
 
 class _NoAliasDumper(yaml.SafeDumper):

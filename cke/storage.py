@@ -50,6 +50,11 @@ KEY_LEADER_PREFIX = "leader/"
 KEY_STATUS = "status"
 KEY_HOSTKEYS_PREFIX = "hostkeys/"
 KEY_SABAKAN_PREFIX = "sabakan/"
+KEY_SABAKAN_DISABLED = "sabakan/disabled"
+KEY_SABAKAN_QUERY_VARIABLES = "sabakan/query-variables"
+KEY_SABAKAN_TEMPLATE = "sabakan/template"
+KEY_SABAKAN_URL = "sabakan/url"
+KEY_SABAKAN_TLS = "sabakan/tls"
 KEY_REBOOTS_PREFIX = "reboots/"
 KEY_REPAIRS_PREFIX = "repairs/"
 
@@ -94,6 +99,7 @@ class Status:
     vault: str = ""
     etcd_members: list[str] = field(default_factory=list)  # voters' addresses, for rule 5
     cluster_revision: int = 0  # mod revision of the cluster configuration decided on
+    sabakan: dict[str, Any] = field(default_factory=dict)  # the last generation, if enabled
 
     def to_json(self) -> str:
         return json.dumps(
@@ -106,6 +112,7 @@ class Status:
                 "vault": self.vault,
                 "etcd-members": self.etcd_members,
                 "cluster-revision": self.cluster_revision,
+                "sabakan": self.sabakan,
             }
         )
 
@@ -121,6 +128,7 @@ class Status:
             vault=doc.get("vault", ""),
             etcd_members=list(doc.get("etcd-members", [])),
             cluster_revision=int(doc.get("cluster-revision", 0)),
+            sabakan=dict(doc.get("sabakan") or {}),
         )
 
 
@@ -294,6 +302,26 @@ class Storage:
                 success=[self.kv.txn_op_put(self.key(k), v) for k, v in values.items()],
                 timeout=self.timeout,
             )
+
+    # -- sabakan integration (written by ckecli) -------------------------------------------
+
+    async def get_sabakan(self) -> dict[str, bytes]:
+        """Every ``sabakan/...`` setting in one read, by key (``sabakan/url``: ...)."""
+        resp = await self._prefix_range(KEY_SABAKAN_PREFIX, SortOrder.ASCEND, SortTarget.KEY)
+        start = len(self.prefix)
+        return {kv.key.decode(errors="replace")[start:]: kv.value for kv in resp.kvs}
+
+    async def put_setting(self, name: str, value: str) -> None:
+        await self.kv.put(self.key(name), value, timeout=self.timeout)
+
+    async def put_generated_cluster(
+        self, leader: LeaderKey, cluster_json: str, cluster_revision: int
+    ) -> bool:
+        """As the leader, store a generated cluster if nobody changed the cluster since
+        ``cluster_revision`` was read; False when someone did."""
+        key = self.key(KEY_CLUSTER)
+        unchanged = self._mod_revision_is(key, cluster_revision)
+        return await self.fenced(leader, [self.kv.txn_op_put(key, cluster_json)], [unchanged])
 
     # -- leader and status ----------------------------------------------------------------------
 

@@ -15,11 +15,12 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cke.common.durations import parse_duration
+from cke.common.election import Election, LeaderKey
 from cke.common.etcd import ConfigError, EtcdSettings, format_validation_error, make_client
 from cke.common.logs import get_logger, setup_logging
 from cke.common.yamlfile import YAMLFileError, load_yaml
 from sabakan.api import LEADER_KEY, METRICS_KEY, STORAGE_KEY, get_metrics, make_app
-from sabakan.statesetter import Election, StateSetter, StateSetterConfig, new_name
+from sabakan.statesetter import StateSetter, StateSetterConfig, new_name
 from sabakan.storage import Storage
 
 log = get_logger("sabakan")
@@ -203,14 +204,37 @@ async def serve(config: Config) -> None:
     name = new_name()
     setter = StateSetter(storage, config.state_setter)
 
-    async def leader_work() -> None:
-        jobs = [_prune_audit(storage, config)]
+    async def leader_work(leader: LeaderKey) -> None:
+        setter.leader = leader
+        jobs = [asyncio.create_task(_prune_audit(storage, config), name="audit-pruner")]
         if config.state_setter.enabled:
-            jobs.append(setter.run())
-        await asyncio.gather(*jobs)
+            jobs.append(asyncio.create_task(setter.run(), name="state-setter"))
+        try:
+            # Both run until cancelled; one that fails (the setter's fenced write was
+            # refused) ends the term, and the other must not outlive it.
+            done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_EXCEPTION)
+            for job in done:
+                job.result()
+        finally:
+            setter.leader = None
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
 
-    election = Election(storage, name, ttl=config.election_ttl)
-    election_task = asyncio.create_task(election.run(leader_work, app[LEADER_KEY]))
+    status = app[LEADER_KEY]
+
+    def leading(now: bool) -> None:
+        status["leader"] = now
+
+    election = Election(
+        client,
+        storage.leader_prefix,
+        name,
+        ttl=config.election_ttl,
+        timeout=config.etcd.timeout,
+        logger="sabakan.election",
+    )
+    election_task = asyncio.create_task(election.run(leader_work, leading), name="election")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

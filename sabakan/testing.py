@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,5 +63,41 @@ class SabakanProcess:
                     raise TimeoutError(f"sabakan not healthy:\n{self.process.log_tail()}")
                 await asyncio.sleep(0.1)
 
-    async def stop(self) -> None:
-        await self.process.stop()
+    async def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 10 s; the exit code."""
+        return await self.process.stop()
+
+    # -- for the failover tests ------------------------------------------------------------
+
+    async def kill(self) -> None:
+        await self.process.kill()
+
+    async def pause(self) -> None:
+        await self.process.send_signal(signal.SIGSTOP)
+
+    async def resume(self) -> None:
+        await self.process.send_signal(signal.SIGCONT)
+
+    async def health(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """``GET /health`` as JSON, or None when it does not answer 200 in time."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+                session.get(f"{self.url}/health") as resp,
+            ):
+                if resp.status != 200:
+                    return None
+                doc: dict[str, Any] = await resp.json()
+                return doc
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+    async def is_leader(self) -> bool:
+        doc = await self.health()
+        return bool(doc and doc.get("leader"))
+
+    def log(self) -> str:
+        try:
+            return self.process.log_path.read_text(errors="replace")
+        except OSError:
+            return ""

@@ -14,6 +14,7 @@ from cke.common.durations import parse_duration
 from cke.common.etcd import ConfigError, load_etcd_settings, make_client
 from cke.common.httpserver import parse_listen_address, start_http
 from cke.common.logs import get_logger, setup_logging
+from cke.sabakan.integration import Integrator
 from cke.server.control import Server
 from cke.server.infra import Infrastructure
 from cke.server.metrics import ServerMetrics
@@ -78,7 +79,18 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interva
 
     vault = VaultSession(vault_config)
     infra = Infrastructure(storage, vault, args.max_concurrent_updates, args.cert_ttl)
-    server = Server(client, storage, args.name, interval, ttl, metrics, vault, gc_interval, infra)
+    server = Server(
+        client,
+        storage,
+        args.name,
+        interval,
+        ttl,
+        metrics,
+        vault,
+        gc_interval,
+        infra,
+        sabakan=Integrator(storage),
+    )
 
     async def health() -> tuple[bool, str]:
         try:

@@ -45,13 +45,27 @@ from cke.pki import (
     reserved_etcd_user_problem,
 )
 from cke.records import Record
+from cke.sabakan.settings import (
+    SettingError,
+    parse_template,
+    parse_tls,
+    parse_url,
+    parse_variables,
+    template_to_json,
+)
 from cke.server.safety import check_control_plane_change
 from cke.storage import (
     KEY_CA_PREFIX,
+    KEY_SABAKAN_DISABLED,
+    KEY_SABAKAN_QUERY_VARIABLES,
+    KEY_SABAKAN_TEMPLATE,
+    KEY_SABAKAN_TLS,
+    KEY_SABAKAN_URL,
     KEY_VAULT,
     Conflict,
     Storage,
     UnreadableValue,
+    Versioned,
     stored_text,
 )
 from cke.vault import INSECURE_HTTP, InsecureEndpoint, Vault, VaultError, parse_vault_config
@@ -210,6 +224,16 @@ def _status_text(doc: dict[str, Any]) -> str:
         )
     else:
         lines.append("last operation: (none)")
+    sabakan = doc.get("sabakan") or {}
+    if sabakan:
+        what = sabakan.get("result", "")
+        if sabakan.get("rule"):
+            what += f" by rule {sabakan['rule']}"
+        if sabakan.get("reason"):
+            what += f": {sabakan['reason']}"
+        lines.append(f"sabakan: {what} (at {sabakan.get('timestamp', '?')})")
+        lines += [f"  - {change}" for change in sabakan.get("changes", [])]
+        lines += [f"  - held: {held}" for held in sabakan.get("held", [])]
     if doc["blocked"]:
         lines.append("blocked:")
         for b in doc["blocked"]:
@@ -232,6 +256,7 @@ async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
         "vault": status.vault if status else "",
         "etcd-members": status.etcd_members if status else [],
         "cluster-revision": status.cluster_revision if status else 0,
+        "sabakan": status.sabakan if status else {},
         "last-record": records[0].to_dict() if records else None,
     }
     _emit(doc, args.output, _status_text)
@@ -498,6 +523,113 @@ async def cmd_etcd_issue(storage: Storage, args: argparse.Namespace) -> None:
 Command = Callable[[Storage, argparse.Namespace], Awaitable[None]]
 
 
+# -- sabakan integration ---------------------------------------------------------------------
+
+
+async def cmd_sabakan_enable(storage: Storage, args: argparse.Namespace) -> None:
+    await storage.put_setting(KEY_SABAKAN_DISABLED, "false")
+
+
+async def cmd_sabakan_disable(storage: Storage, args: argparse.Namespace) -> None:
+    await storage.put_setting(KEY_SABAKAN_DISABLED, "true")
+
+
+async def cmd_sabakan_is_enabled(storage: Storage, args: argparse.Namespace) -> None:
+    disabled = (await storage.get(KEY_SABAKAN_DISABLED)).value
+    print("false" if disabled == b"true" else "true")
+
+
+async def cmd_sabakan_set_url(storage: Storage, args: argparse.Namespace) -> None:
+    try:
+        url = parse_url(args.url)
+        tls = parse_tls(
+            await _read_input(args.cacert) if args.cacert else None,
+            await _read_input(args.cert) if args.cert else None,
+            await _read_input(args.key) if args.key else None,
+        )
+    except SettingError as exc:
+        raise CLIError(str(exc)) from None
+    await storage.put_many({KEY_SABAKAN_URL: url, KEY_SABAKAN_TLS: tls.to_json()})
+
+
+async def cmd_sabakan_get_url(storage: Storage, args: argparse.Namespace) -> None:
+    print(_stored_setting(await storage.get(KEY_SABAKAN_URL), "URL", "set-url"))
+
+
+async def cmd_sabakan_set_template(storage: Storage, args: argparse.Namespace) -> None:
+    text = await _read_input(args.file)
+    try:
+        template = parse_template(text)
+    except SettingError as exc:
+        raise CLIError(f"{args.file}: {exc}") from None
+    await storage.put_setting(KEY_SABAKAN_TEMPLATE, template_to_json(template))
+
+
+async def cmd_sabakan_get_template(storage: Storage, args: argparse.Namespace) -> None:
+    text = _stored_setting(await storage.get(KEY_SABAKAN_TEMPLATE), "template", "set-template")
+    try:
+        template = parse_template(text)
+    except SettingError as exc:
+        raise CLIError(f"stored template: {exc}") from None
+    if args.output == "json":
+        print(json.dumps(json.loads(template_to_json(template)), indent=2))
+        return
+    doc = template.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    for node in doc.get("nodes", []):
+        node.pop("address", None)
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
+
+
+async def cmd_sabakan_set_variables(storage: Storage, args: argparse.Namespace) -> None:
+    text = await _read_input(args.file)
+    try:
+        parse_variables(text)
+    except SettingError as exc:
+        raise CLIError(f"{args.file}: {exc}") from None
+    await storage.put_setting(KEY_SABAKAN_QUERY_VARIABLES, json.dumps(json.loads(text)))
+
+
+async def cmd_sabakan_get_variables(storage: Storage, args: argparse.Namespace) -> None:
+    got = await storage.get(KEY_SABAKAN_QUERY_VARIABLES)
+    print(stored_text(got.value, "variables") or "{}")
+
+
+def _stored_setting(got: Versioned, what: str, command: str) -> str:
+    text = stored_text(got.value, what)
+    if text is None:
+        raise CLIError(f"no sabakan {what} is set; use 'ckecli sabakan {command}'")
+    return text
+
+
+def _add_sabakan_parser(sub: Any, reader: Callable[[argparse.ArgumentParser], None]) -> None:
+    sabakan = sub.add_parser("sabakan", help="generate the cluster from sabakan's machines")
+    ssub = sabakan.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    for name, func, text in (
+        ("enable", cmd_sabakan_enable, "run the integration (once URL and template are set)"),
+        ("disable", cmd_sabakan_disable, "stop generating; cluster set works as usual"),
+        ("is-enabled", cmd_sabakan_is_enabled, "print true or false"),
+        ("get-url", cmd_sabakan_get_url, "print sabakan's URL"),
+        ("get-variables", cmd_sabakan_get_variables, "print the query variables (JSON)"),
+    ):
+        p = ssub.add_parser(name, help=text)
+        p.set_defaults(func=func)
+    p = ssub.add_parser("set-url", help="sabakan's https:// URL, how to verify it and log in")
+    p.add_argument("url")
+    p.add_argument("--cacert", help="PEM file of the CA of sabakan's certificate")
+    p.add_argument("--cert", help="PEM file of the client certificate cke presents")
+    p.add_argument("--key", help="PEM file of its private key (stored in cke's etcd)")
+    p.set_defaults(func=cmd_sabakan_set_url)
+    p = ssub.add_parser("set-template", help="the cluster template (YAML file or -)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_sabakan_set_template)
+    p = ssub.add_parser("get-template", help="print the cluster template")
+    reader(p)
+    p.set_defaults(func=cmd_sabakan_get_template)
+    p = ssub.add_parser("set-variables", help="which machines to use (JSON file or -)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_sabakan_set_variables)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ckecli", description="control cke through etcd")
     parser.add_argument("--config", default="/etc/cke/config.yml", help="etcd configuration")
@@ -585,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="leader, phase, last operation and what is blocked")
     reader(p)
     p.set_defaults(func=cmd_status)
+    _add_sabakan_parser(sub, reader)
     return parser
 
 

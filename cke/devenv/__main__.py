@@ -1,8 +1,10 @@
 """``make demo``: the embedded default, in the foreground.
 
 Starts cke's own etcd, an OpenBao server and five sshd nodes; sets Vault up with
-``ckecli vault init``; starts three ``cke`` replicas; stores a cluster with three
-control planes; waits until the managed etcd is healthy and prints ``ckecli status``.
+``ckecli vault init``; starts sabakan with every node registered and its state setter
+probing them; starts three ``cke`` replicas with the sabakan integration enabled, so
+that cke generates a cluster with three control planes; waits until the managed etcd is
+healthy, prints ``ckecli status`` and how to crash a node and watch it being replaced.
 Ctrl-C (or SIGTERM) stops everything it started.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from cke.devenv.bed import BedConfig, TestBed
 from cke.devenv.deploy import Deployment
+from cke.devenv.sabakan import Inventory, enable_integration, start_inventory
 
 
 async def _demo(args: argparse.Namespace) -> int:
@@ -31,26 +34,29 @@ async def _demo(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     bed = TestBed(config)
     deployment: Deployment | None = None
+    inventory: Inventory | None = None
     print("starting the test bed ...", flush=True)
     try:
         await bed.start()
         print(bed.describe(), flush=True)
         if not args.bed_only:
+            print("\nsabakan: registering every node, the state setter probing them ...")
+            inventory = await start_inventory(bed, bed.base_dir / "sabakan")
             deployment = Deployment(bed, replicas=args.replicas, interval="5s", session_ttl="10s")
-            print(f"\nckecli vault init, {args.replicas} cke replicas ...", flush=True)
+            print(f"ckecli vault init, {args.replicas} cke replicas ...", flush=True)
             await deployment.setup()
-            control_planes = bed.nodes[: args.control_planes]
-            result = await deployment.set_cluster(control_planes, bed.nodes[args.control_planes :])
-            if result.returncode != 0:
-                raise RuntimeError(f"ckecli cluster set: {result.stderr.strip()}")
+            await enable_integration(deployment, inventory, args.control_planes)
             print(
-                f"cluster stored: {args.control_planes} control planes; waiting for etcd ...",
+                f"sabakan integration enabled (control-plane-count {args.control_planes}); "
+                "waiting for the generated cluster's etcd ...",
                 flush=True,
             )
             await deployment.wait_for("completed", timeout=180, voters=args.control_planes)
+            ckecli = f"ckecli --config {deployment.config}"
             status = await deployment.ckecli("status")
-            print(f"\n$ ckecli --config {deployment.config} status\n{status.stdout}", flush=True)
+            print(f"\n$ {ckecli} status\n{status.stdout}", flush=True)
             print(f"cke logs: {deployment.dir}/cke-*.log", flush=True)
+            print(_how_to_watch(bed, inventory, ckecli), flush=True)
     except Exception as exc:
         print(f"demo: {exc}", file=sys.stderr)
         stop.set()
@@ -64,9 +70,29 @@ async def _demo(args: argparse.Namespace) -> int:
         print("stopping ...", flush=True)
         if deployment is not None:
             await deployment.stop()
+        if inventory is not None:
+            await inventory.sabakan.stop()
         await bed.stop()
         print("stopped; no process left behind", flush=True)
     return code
+
+
+def _how_to_watch(bed: TestBed, inventory: Inventory, ckecli: str) -> str:
+    node = bed.nodes[0]
+    sabakan = f"curl -s {inventory.sabakan.url}/api/v1/machines"
+    return "\n".join(
+        [
+            "",
+            f"crash a node as a power loss would ({node.name}: every process of it):",
+            f"  ns=$(readlink /proc/$(cat {node.directory}/sshd.pid)/ns/mnt); "
+            'for p in /proc/[0-9]*; do [ "$(readlink $p/ns/mnt)" = "$ns" ] '
+            "&& kill -9 ${p#/proc/}; done",
+            "then watch sabakan mark it unreachable and cke replace it:",
+            f"  {sabakan}   (sabactl --server {inventory.sabakan.url} machines get)",
+            f"  {ckecli} status",
+            f"  {ckecli} history",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from etcd3aio import Etcd3Client, EtcdError
 
@@ -29,6 +29,7 @@ from cke.common.logs import error_line, get_logger
 from cke.nodes.runtime import runtime_for
 from cke.op.base import OpContext
 from cke.pki import CertIssuer
+from cke.sabakan.integration import RESULT_GENERATED, Integrator
 from cke.server.clusterstatus import ClusterStatus
 from cke.server.collect import collect
 from cke.server.election import Election, LeadershipLost
@@ -131,6 +132,7 @@ class Server:
         vault: VaultSession | None = None,
         certs_gc_interval: float = 3600.0,
         infra: Infrastructure | None = None,
+        sabakan: Integrator | None = None,
     ) -> None:
         self.client = client
         self.storage = storage
@@ -141,6 +143,7 @@ class Server:
         self.vault = vault
         self.certs_gc_interval = certs_gc_interval
         self.infra = infra
+        self.sabakan = sabakan
         self._cluster: Cluster | None = None
         self._cluster_revision = 0
         self.stop_requested = asyncio.Event()
@@ -296,6 +299,18 @@ class Server:
             if status.etcd.reachable:
                 etcd_members = sorted(m.address for m in status.etcd.voters)
         previous = await self.storage.get_status()
+        sabakan_report: dict[str, Any] = {}
+        if (
+            not decision.operators
+            and not config_blocked
+            and decision.phase is not (Phase.DECISION_FAILED)
+        ):
+            # Checked against the voters as ``ckecli cluster set`` checks: the ones seen
+            # now, else the ones last seen (none on a new installation).
+            voters = etcd_members
+            if voters is None:
+                voters = previous.etcd_members if previous else []
+            sabakan_report = await self.integrate(leader, voters)
         last_operation = previous.last_operation if previous else ""
         if etcd_members is None:  # unknown now: keep what was last seen
             etcd_members = previous.etcd_members if previous else []
@@ -312,6 +327,7 @@ class Server:
                 vault=self.vault.state if self.vault else "",
                 etcd_members=etcd_members,
                 cluster_revision=self._cluster_revision,
+                sabakan=sabakan_report,
             ),
         )
         self.metrics.set_phase(decision.phase.value)
@@ -323,6 +339,19 @@ class Server:
             )
         log.debug("decided", phase=decision.phase.value, operations=len(decision.operators))
         return decision
+
+    async def integrate(self, leader: LeaderKey, voters: list[str]) -> dict[str, Any]:
+        """One sabakan generation while nothing else is to be done (as CKE's integrator
+        runs); the report for the status ({} when the integration is not enabled)."""
+        if self.sabakan is None:
+            return {}
+        report = await self.sabakan.run(leader, voters)
+        if report is None:
+            return {}
+        self.metrics.set_sabakan(report.successful, report.workers_by_role, report.unused_machines)
+        if report.result == RESULT_GENERATED:
+            self._wake.set()  # decide on the new cluster at once
+        return report.to_dict()
 
     async def _watch_config(self) -> None:
         """Wake the loop when the cluster or the constraints change."""

@@ -35,6 +35,28 @@ class ServerMetrics:
             ["operation", "outcome"],
             registry=self.registry,
         )
+        # CKE's sabakan integration metrics (docs/metrics.md).
+        self.sabakan_successful = Gauge(
+            "cke_sabakan_integration_successful",
+            "1 if the last sabakan integration satisfied the constraints",
+            registry=self.registry,
+        )
+        self.sabakan_timestamp = Gauge(
+            "cke_sabakan_integration_timestamp_seconds",
+            "Unix time when cke_sabakan_integration_successful was last updated",
+            registry=self.registry,
+        )
+        self.sabakan_workers = Gauge(
+            "cke_sabakan_workers",
+            "The number of worker nodes for each role",
+            ["role"],
+            registry=self.registry,
+        )
+        self.sabakan_unused = Gauge(
+            "cke_sabakan_unused_machines",
+            "The number of machines sabakan lists that the cluster does not use",
+            registry=self.registry,
+        )
         for p in ALL_PHASES:
             self.phase.labels(phase=p).set(0)
 
@@ -42,3 +64,12 @@ class ServerMetrics:
         for p in ALL_PHASES:
             self.phase.labels(phase=p).set(1 if p == phase else 0)
         self.phase_timestamp.set(time.time())
+
+    def set_sabakan(self, successful: bool, workers: dict[str, int], unused: int) -> None:
+        self.sabakan_successful.set(1 if successful else 0)
+        self.sabakan_timestamp.set(time.time())
+        if successful:
+            self.sabakan_workers.clear()
+            for role, count in workers.items():
+                self.sabakan_workers.labels(role=role).set(count)
+            self.sabakan_unused.set(unused)

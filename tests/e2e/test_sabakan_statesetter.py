@@ -77,5 +77,13 @@ async def test_stopped_sshd_makes_a_machine_unreachable(
             ("w1", "healthy", "unreachable"),
             ("w1", "unreachable", "healthy"),
         ]
+        # Each change says why: which check failed (or passed) how many times in a row.
+        reasons = [r["reason"] for r in records if r["user"] == "state-setter"]
+        assert reasons[0] == "every check passed 2 times in a row (threshold 2)"
+        assert reasons[1].startswith(
+            f"connect to {watched.address}:22 failed {THRESHOLD} times in a row "
+            f"(threshold {THRESHOLD}): "
+        ), reasons
+        assert reasons[2] == reasons[0]
     finally:
         await proc.stop()
