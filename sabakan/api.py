@@ -179,6 +179,17 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     finally:
         metrics.requests.labels(request.method, route, str(status)).inc()
         metrics.latency.labels(request.method, route).observe(time.perf_counter() - start)
+        if route.startswith("/api/"):
+            # Who asked: the client certificate's CN (cke reads the machines as "cke").
+            actor = _actor(request)
+            log.info(
+                "request",
+                method=request.method,
+                path=request.path[:200],
+                status=status,
+                user=actor.user,
+                remote=actor.ip,
+            )
 
 
 def _match(machine: Machine, query: dict[str, list[str]]) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rivers.proxy import WRITE_HIGH_WATER
 from tests.e2e.test_rivers_proxy import (
     LOOPBACK,
     Rivers,
@@ -240,10 +241,15 @@ async def test_auto_limit_sheds_before_descriptors_run_out(tmp_path: Path) -> No
 # --- memory of stalled readers ----------------------------------------------------------
 
 STALLED_CLIENTS = 200
-# Measured on the 2-core machine (uvloop, 200 clients, 4 runs): +26 MiB while stalled,
-# +1.3 MiB one second after they closed. Before the fix (256 KiB high-water mark, no
-# malloc_trim): +65 MiB stalled, still +60 to +66 MiB long after they closed.
-STALLED_GROWTH_MIB = 50
+# The bound by design: a stalled direction holds at most the write high-water mark plus
+# the one read that crossed it (the event loop reads up to 256 KiB at a time), so
+# 200 x (64 + 256) KiB = 62.5 MiB, plus 10 MiB for the rest. Measured on the 2-core
+# machine (uvloop): +26 MiB when quiet, +57 MiB once under a full test suite's load
+# (full-size reads); +1.3 MiB one second after they closed. Before the fix (256 KiB
+# high-water mark, no malloc_trim): +65 MiB stalled, still +60 to +66 MiB long after
+# they closed, which the after-close bound catches.
+EVENT_LOOP_READ = 256 << 10
+STALLED_GROWTH_MIB = STALLED_CLIENTS * (WRITE_HIGH_WATER + EVENT_LOOP_READ) / (1 << 20) + 10
 AFTER_CLOSE_GROWTH_MIB = 20
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 from etcd3aio import prefix_range_end
 
+from cke.common.etcd import make_client
 from cke.devenv import TestBed
 from cke.devenv.deploy import Deployment
 from cke.devenv.sabakan import Inventory, enable_integration, start_inventory
@@ -38,6 +41,24 @@ async def _wait(what: str, check: Any, timeout: float) -> float:
         assert time.monotonic() - start < timeout, f"{what}: not within {timeout}s"
         await asyncio.sleep(0.2)
     return time.monotonic() - start
+
+
+async def serve_garbage(bed: TestBed, url: str) -> web.AppRunner:
+    """An HTTPS server at ``url`` (sabakan's certificate) that answers HTML to anything."""
+    cert = bed.ca.issue("garbage-server", "sabakan", client=False)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert.cert, cert.key)
+
+    async def html(_: web.Request) -> web.Response:
+        return web.Response(text="<html>maintenance</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", html)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    await web.TCPSite(runner, host, int(port), ssl_context=ctx).start()
+    return runner
 
 
 async def _records(d: Deployment) -> list[dict[str, Any]]:
@@ -81,9 +102,9 @@ class Integrated:
         return sorted(n["address"] for n in doc["nodes"] if n.get("control_plane"))
 
 
-async def integrated(bed: TestBed, tmp_path: Path) -> Integrated:
+async def integrated(bed: TestBed, tmp_path: Path, replicas: int = 1) -> Integrated:
     inventory = await start_inventory(bed, tmp_path / "sabakan", INTERVAL, THRESHOLD)
-    d = Deployment(bed, replicas=1, interval="1s")
+    d = Deployment(bed, replicas=replicas, interval="1s")
     try:
         await d.setup()
         await enable_integration(d, inventory, control_planes=3)
@@ -187,8 +208,17 @@ async def test_crashed_control_plane_is_replaced_from_sabakan(
         try:
             await it.inventory.set_state(leaving_serial, "retiring")
 
+            async def leaves_the_config() -> bool:
+                return leaving not in await it.control_planes()
+
+            await _wait("a cluster without the retiring control plane", leaves_the_config, 60)
+
             async def retired_from_etcd() -> bool:
-                return f"https://{leaving}:2380" not in (samples and await _voters(d, alive))
+                try:
+                    voters = await _voters(d, alive)
+                except Exception:
+                    return False
+                return f"https://{leaving}:2380" not in voters and len(voters) == 3
 
             await _wait("the retiring member replaced", retired_from_etcd, 180)
             await d.wait_for("completed", timeout=120, voters=3)
@@ -203,6 +233,7 @@ async def test_crashed_control_plane_is_replaced_from_sabakan(
             if int(r["id"]) > first_id
         ]
         names = [op for op, _ in ops]
+        assert "etcd-remove-member" in names, ops
         removed = names.index("etcd-remove-member")
         assert "etcd-add-member" in names[:removed] and "etcd-promote-member" in names[:removed]
         assert ops[removed][1] == [leaving], ops
@@ -210,6 +241,14 @@ async def test_crashed_control_plane_is_replaced_from_sabakan(
         final_cps = [n["address"] for n in final["nodes"] if n.get("control_plane")]
         assert await _canaries(d, final_cps) == CANARIES
         status = await d.status()
+
+        # sabakan knows who asks: cke's client certificate.
+        asked = [
+            line
+            for line in it.sabakan.log().splitlines()
+            if "path=/api/v1/machines" in line and "method=GET" in line
+        ]
+        assert asked and all("user=cke" in line for line in asked), asked[:3]
 
         # sabakan down: cke keeps the cluster and says why.
         revision = status["cluster-revision"]
@@ -222,6 +261,19 @@ async def test_crashed_control_plane_is_replaced_from_sabakan(
 
         await _wait("status says sabakan is unavailable", says_unavailable, 30)
         assert (await d.status())["cluster-revision"] == revision
+
+        # A peer at sabakan's address answering garbage: the same, with the reason.
+        garbage = await serve_garbage(bed, it.inventory.https_url)
+        try:
+
+            async def says_garbage() -> bool:
+                report = (await d.status()).get("sabakan") or {}
+                return "not JSON" in str(report.get("reason"))
+
+            await _wait("status says sabakan's answer is garbage", says_garbage, 30)
+            assert (await d.status())["cluster-revision"] == revision
+        finally:
+            await garbage.cleanup()
 
         # Disabled: no generation; a manual cluster set works and stays.
         assert (await d.ckecli("sabakan", "disable")).returncode == 0
@@ -279,3 +331,61 @@ async def test_two_of_three_control_planes_lost_is_refused_until_one_returns(
     finally:
         await d.stop()
         await sabakan.stop()
+
+
+async def test_leader_killed_in_the_middle_of_a_replacement(
+    bed_factory: BedFactory, tmp_path: Path
+) -> None:
+    """The next leader cancels the unfinished record and finishes the replacement."""
+    bed: TestBed = await bed_factory(etcd_members=1, nodes=5)
+    it = await integrated(bed, tmp_path, replicas=2)
+    d = it.d
+    watcher: asyncio.Task[None] | None = None
+    client = make_client(bed.etcd.settings(d.prefix))
+    await client.connect()
+    try:
+        cps = await it.control_planes()
+        leader_name = str((await d.status())["leader"])
+        leader = next(r for r in d.replicas if r.name == leader_name)
+        assert client.watch is not None and client.kv is not None
+        start = f"{d.prefix}records/".encode()
+        revision = (await client.kv.get(start)).header.revision
+        killed: list[int] = []
+
+        async def kill_when_adding() -> None:
+            assert client.watch is not None
+            async for resp in client.watch.watch(
+                start, range_end=prefix_range_end(start), start_revision=revision + 1
+            ):
+                for event in resp.events:
+                    record = json.loads(event.kv.value)
+                    if record["operation"] == "etcd-add-member" and record["status"] == "running":
+                        await leader.kill()
+                        killed.append(int(record["id"]))
+                        return
+
+        watcher = asyncio.create_task(kill_when_adding())
+        victim = next(n for n in bed.nodes if n.address == cps[0])
+        await victim.crash()
+        await asyncio.wait_for(watcher, 120)
+
+        async def replaced() -> bool:
+            now = await it.control_planes()
+            if victim.address in now:
+                return False
+            try:
+                return await _voters(d, now) == sorted(f"https://{a}:2380" for a in now)
+            except Exception:
+                return False
+
+        await _wait("the replacement finished by the next leader", replaced, 180)
+        await d.wait_for("completed", timeout=120, voters=3)
+        records = {int(r["id"]): r for r in await _records(d)}
+        assert records[killed[0]]["status"] == "cancelled"
+        assert (await d.status())["leader"] != leader_name
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await client.close()
+        await d.stop()
+        await it.sabakan.stop()
