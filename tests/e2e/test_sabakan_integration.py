@@ -20,7 +20,6 @@ import yaml
 from aiohttp import web
 from etcd3aio import prefix_range_end
 
-from cke.common.etcd import make_client
 from cke.devenv import TestBed
 from cke.devenv.deploy import Deployment
 from cke.devenv.sabakan import Inventory, enable_integration, start_inventory
@@ -340,34 +339,12 @@ async def test_leader_killed_in_the_middle_of_a_replacement(
     bed: TestBed = await bed_factory(etcd_members=1, nodes=5)
     it = await integrated(bed, tmp_path, replicas=2)
     d = it.d
-    watcher: asyncio.Task[None] | None = None
-    client = make_client(bed.etcd.settings(d.prefix))
-    await client.connect()
+    kill = await d.kill_leader_during("etcd-add-member")
     try:
         cps = await it.control_planes()
-        leader_name = str((await d.status())["leader"])
-        leader = next(r for r in d.replicas if r.name == leader_name)
-        assert client.watch is not None and client.kv is not None
-        start = f"{d.prefix}records/".encode()
-        revision = (await client.kv.get(start)).header.revision
-        killed: list[int] = []
-
-        async def kill_when_adding() -> None:
-            assert client.watch is not None
-            async for resp in client.watch.watch(
-                start, range_end=prefix_range_end(start), start_revision=revision + 1
-            ):
-                for event in resp.events:
-                    record = json.loads(event.kv.value)
-                    if record["operation"] == "etcd-add-member" and record["status"] == "running":
-                        await leader.kill()
-                        killed.append(int(record["id"]))
-                        return
-
-        watcher = asyncio.create_task(kill_when_adding())
         victim = next(n for n in bed.nodes if n.address == cps[0])
         await victim.crash()
-        await asyncio.wait_for(watcher, 120)
+        interrupted_id = await kill.done(120)
 
         async def replaced() -> bool:
             now = await it.control_planes()
@@ -381,11 +358,9 @@ async def test_leader_killed_in_the_middle_of_a_replacement(
         await _wait("the replacement finished by the next leader", replaced, 180)
         await d.wait_for("completed", timeout=120, voters=3)
         records = {int(r["id"]): r for r in await _records(d)}
-        assert records[killed[0]]["status"] == "cancelled"
-        assert (await d.status())["leader"] != leader_name
+        assert records[interrupted_id]["status"] == "cancelled"
+        assert (await d.status())["leader"] != kill.leader
     finally:
-        if watcher is not None:
-            watcher.cancel()
-        await client.close()
+        kill.cancel()
         await d.stop()
         await it.sabakan.stop()
