@@ -29,7 +29,12 @@ from cke.common.logs import error_line, get_logger
 from cke.nodes.runtime import runtime_for
 from cke.op.base import OpContext
 from cke.pki import CertIssuer
-from cke.sabakan.integration import RESULT_GENERATED, Integrator
+from cke.sabakan.integration import (
+    RESULT_ERROR,
+    RESULT_GENERATED,
+    GenerationReport,
+    Integrator,
+)
 from cke.server.clusterstatus import ClusterStatus
 from cke.server.collect import collect
 from cke.server.election import Election, LeadershipLost
@@ -345,7 +350,14 @@ class Server:
         runs); the report for the status ({} when the integration is not enabled)."""
         if self.sabakan is None:
             return {}
-        report = await self.sabakan.run(leader, voters)
+        try:
+            report = await self.sabakan.run(leader, voters)
+        except (NotLeader, LeadershipLost, EtcdError):
+            raise
+        except Exception as exc:  # a bug: the cluster is kept, and the status says so
+            error = f"{type(exc).__name__}: {error_line(exc)}"
+            log.error("sabakan integration failed; the cluster is kept", error=error)
+            report = GenerationReport(RESULT_ERROR, reason=f"integration failed: {error}")
         if report is None:
             return {}
         self.metrics.set_sabakan(report.successful, report.workers_by_role, report.unused_machines)

@@ -35,3 +35,23 @@ def test_a_decision_that_raises_is_held_back_with_the_error(
 def test_a_good_decision_passes_through() -> None:
     decision = control.decide_safely(None, Constraints(), ClusterStatus())
     assert decision == Decision([], Phase.WAITING_FOR_CLUSTER)
+
+
+async def test_a_failing_sabakan_integration_keeps_the_cluster_and_says_so() -> None:
+    from typing import Any, cast
+
+    from cke.server.metrics import ServerMetrics
+    from cke.storage import LeaderKey
+
+    class Broken:
+        async def run(self, leader: LeaderKey, voters: list[str]) -> None:
+            raise KeyError("a bug in the generator")
+
+    metrics = ServerMetrics()
+    server = control.Server(
+        cast(Any, None), cast(Any, None), "cke0", 1.0, 3, metrics, sabakan=cast(Any, Broken())
+    )
+    report = await server.integrate(LeaderKey(b"k", 1, 1, "cke0"), [])
+    assert report["result"] == "error"
+    assert "integration failed: KeyError" in report["reason"]
+    assert metrics.registry.get_sample_value("cke_sabakan_integration_successful") == 0
