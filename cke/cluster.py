@@ -16,13 +16,14 @@ import base64
 import binascii
 import ipaddress
 import json
+import math
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from cke.common.etcd import format_validation_error
 from cke.common.fields import (
@@ -37,24 +38,44 @@ from cke.common.yamlfile import yaml_error_position
 __all__ = [
     "COMPONENTS",
     "CONSTRAINT_NAMES",
+    "DEFAULT_CRI_ENDPOINT",
+    "DEFAULT_ETCD_VOLUME_NAME",
+    "MOUNT_PROPAGATIONS",
     "RESERVED_KEY_INFIX",
     "RESERVED_KEY_PREFIX",
+    "SELINUX_LABELS",
     "TAINT_EFFECTS",
+    "APIServerParams",
     "Binaries",
+    "CNIConfFile",
     "Cluster",
     "ClusterError",
     "Constraints",
+    "EtcdParams",
+    "KubeletParams",
+    "LabelSelector",
+    "LabelSelectorRequirement",
     "Mount",
     "Node",
     "Options",
+    "ProxyParams",
+    "Reboot",
+    "Repair",
+    "RepairOperation",
+    "RepairProcedure",
+    "RepairStep",
+    "Sabakan",
+    "SchedulerParams",
     "ServiceParams",
     "Taint",
+    "TrustedRESTMapping",
     "check_cluster",
     "cluster_from_json",
     "cluster_to_json",
     "cluster_to_yaml",
     "constraints_from_json",
     "constraints_to_json",
+    "inert_fields",
     "parse_cluster",
     "set_constraint",
     "validate_cluster",
@@ -64,6 +85,13 @@ Problem = tuple[str, str]
 """``(path, problem)``; rendered as ``path: problem``."""
 
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# Bind propagation and SELinux relabelling of a mount, as CKE passes them to Docker
+# ("" leaves the runtime's default).
+MOUNT_PROPAGATIONS = ("", "shared", "slave", "private", "rshared", "rslave", "rprivate")
+SELINUX_LABELS = ("", "z", "Z")
+# CKE's defaults of options.etcd.volume_name and options.kubelet.cri_endpoint.
+DEFAULT_ETCD_VOLUME_NAME = "etcd-cke"
+DEFAULT_CRI_ENDPOINT = "/run/containerd/containerd.sock"
 # CKE reserves keys (labels, annotations, taints) that contain this ...
 RESERVED_KEY_INFIX = "cke.cybozu.com/"
 # ... or start with this.
@@ -138,49 +166,129 @@ _MODEL_CONFIG = ConfigDict(
 )
 
 
-class Taint(BaseModel):
+class _Model(BaseModel):
+    """The base of the cluster models: a ``null`` for a field with a default is the default.
+
+    CKE (Go) writes every key of its structs and ``null`` for a nil slice, map or
+    pointer, and reads a ``null`` as "leave the zero value".  So a ``null`` here means
+    the field's default (an empty list or map for those); it is dropped before
+    validation.  Only keys that name a field with a default are dropped: an unknown
+    key stays an error, and a required field given ``null`` is refused by its type.
+    Fields whose default is ``None`` keep ``None``.
+    """
+
     model_config = _MODEL_CONFIG
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        droppable = _null_droppable_keys(cls)
+        return {k: v for k, v in data.items() if v is not None or k not in droppable}
+
+
+_DROPPABLE_CACHE: dict[type[BaseModel], frozenset[str]] = {}
+
+
+def _null_droppable_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The keys (names and aliases) of ``model``'s fields that have a non-None default."""
+    keys = _DROPPABLE_CACHE.get(model)
+    if keys is None:
+        found: set[str] = set()
+        for name, info in model.model_fields.items():
+            if info.is_required() or (info.default_factory is None and info.default is None):
+                continue
+            found.add(name)
+            if info.alias:
+                found.add(info.alias)
+        keys = _DROPPABLE_CACHE[model] = frozenset(found)
+    return keys
+
+
+class Taint(_Model):
     key: str
     value: str = ""
     effect: str
 
 
-class Mount(BaseModel):
+class Mount(_Model):
     """One entry of ``extra_binds``; both paths absolute."""
-
-    model_config = _MODEL_CONFIG
 
     source: str
     destination: str
     read_only: bool = False
+    propagation: str = ""
+    selinux_label: str = ""
 
 
-class ServiceParams(BaseModel):
+class ServiceParams(_Model):
     """The fields every ``options.<component>`` has in CKE."""
-
-    model_config = _MODEL_CONFIG
 
     extra_args: list[str] = Field(default_factory=list)
     extra_env: dict[str, str] = Field(default_factory=dict)
     extra_binds: list[Mount] = Field(default_factory=list)
 
 
-class Options(BaseModel):
+class EtcdParams(ServiceParams):
+    """``options.etcd``: CKE's Docker volume for the data is inert here (see ETCD_DATA_DIR)."""
+
+    volume_name: str = DEFAULT_ETCD_VOLUME_NAME
+
+
+class APIServerParams(ServiceParams):
+    """``options.kube-api``."""
+
+    audit_log_enabled: bool = False
+    audit_log_policy: str = ""
+    audit_log_path: str = ""
+
+
+ComponentConfig = dict[str, JsonValue]
+"""A partial Kubernetes component configuration (``apiVersion``, ``kind``, fields)."""
+
+
+class SchedulerParams(ServiceParams):
+    """``options.kube-scheduler``: ``config`` is a partial KubeSchedulerConfiguration."""
+
+    config: ComponentConfig | None = None
+
+
+class ProxyParams(ServiceParams):
+    """``options.kube-proxy``: ``config`` is a partial KubeProxyConfiguration."""
+
+    disable: bool = False
+    config: ComponentConfig | None = None
+
+
+class CNIConfFile(_Model):
+    name: str = ""
+    content: str = ""
+
+
+class KubeletParams(ServiceParams):
+    """``options.kubelet``: ``config`` is a partial KubeletConfiguration."""
+
+    boot_taints: list[Taint] = Field(default_factory=list)
+    cni_conf_file: CNIConfFile = Field(default_factory=CNIConfFile)
+    config: ComponentConfig | None = None
+    cri_endpoint: str = DEFAULT_CRI_ENDPOINT
+    in_place_update: bool = False
+
+
+class Options(_Model):
     """Per-component extra parameters (``options`` in CKE)."""
 
-    model_config = _MODEL_CONFIG
-
-    etcd: ServiceParams = Field(default_factory=ServiceParams)
+    etcd: EtcdParams = Field(default_factory=EtcdParams)
     etcd_rivers: ServiceParams = Field(default_factory=ServiceParams, alias="etcd-rivers")
     rivers: ServiceParams = Field(default_factory=ServiceParams)
-    kube_api: ServiceParams = Field(default_factory=ServiceParams, alias="kube-api")
+    kube_api: APIServerParams = Field(default_factory=APIServerParams, alias="kube-api")
     kube_controller_manager: ServiceParams = Field(
         default_factory=ServiceParams, alias="kube-controller-manager"
     )
-    kube_scheduler: ServiceParams = Field(default_factory=ServiceParams, alias="kube-scheduler")
-    kube_proxy: ServiceParams = Field(default_factory=ServiceParams, alias="kube-proxy")
-    kubelet: ServiceParams = Field(default_factory=ServiceParams)
+    kube_scheduler: SchedulerParams = Field(default_factory=SchedulerParams, alias="kube-scheduler")
+    kube_proxy: ProxyParams = Field(default_factory=ProxyParams, alias="kube-proxy")
+    kubelet: KubeletParams = Field(default_factory=KubeletParams)
 
     def for_component(self, component: str) -> ServiceParams:
         """The parameters of a component by its ``options`` key (``"kube-api"``)."""
@@ -190,13 +298,89 @@ class Options(BaseModel):
         return params
 
 
-class Binaries(BaseModel):
+class LabelSelectorRequirement(_Model):
+    key: str
+    operator: str
+    values: list[str] = Field(default_factory=list)
+
+
+class LabelSelector(_Model):
+    """A Kubernetes label selector (``matchLabels``, ``matchExpressions``)."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list, alias="matchExpressions"
+    )
+
+
+class Reboot(_Model):
+    """CKE's reboot settings (``None``: CKE's default)."""
+
+    reboot_command: list[str] = Field(default_factory=list)
+    boot_check_command: list[str] = Field(default_factory=list)
+    max_concurrent_reboots: int | None = Field(default=None, gt=0)
+    eviction_timeout_seconds: int | None = Field(default=None, gt=0)
+    command_timeout_seconds: int | None = Field(default=None, ge=0)
+    command_retries: int | None = Field(default=None, ge=0)
+    command_interval: int | None = Field(default=None, ge=0)
+    evict_retries: int | None = Field(default=None, ge=0)
+    evict_interval: int | None = Field(default=None, ge=0)
+    protected_namespaces: LabelSelector | None = None
+    protected_job_pods: LabelSelector | None = None
+
+
+class RepairStep(_Model):
+    repair_command: list[str] = Field(default_factory=list)
+    command_timeout_seconds: int | None = None
+    command_retries: int | None = None
+    command_interval: int | None = None
+    need_drain: bool = False
+    watch_seconds: int | None = None
+
+
+class RepairOperation(_Model):
+    operation: str = ""
+    repair_steps: list[RepairStep] = Field(default_factory=list)
+    health_check_command: list[str] = Field(default_factory=list)
+    command_timeout_seconds: int | None = None
+    success_command: list[str] = Field(default_factory=list)
+    success_command_timeout: int | None = None
+
+
+class RepairProcedure(_Model):
+    machine_types: list[str] = Field(default_factory=list)
+    repair_operations: list[RepairOperation] = Field(default_factory=list)
+
+
+class Repair(_Model):
+    """CKE's repair settings (``None``: CKE's default)."""
+
+    repair_procedures: list[RepairProcedure] = Field(default_factory=list)
+    max_concurrent_repairs: int | None = Field(default=None, gt=0)
+    protected_namespaces: LabelSelector | None = None
+    evict_retries: int | None = Field(default=None, ge=0)
+    evict_interval: int | None = Field(default=None, ge=0)
+    eviction_timeout_seconds: int | None = Field(default=None, gt=0)
+    protected_job_pods: LabelSelector | None = None
+
+
+class Sabakan(_Model):
+    spare_node_taint_key: str = ""
+
+
+class TrustedRESTMapping(_Model):
+    group: str = ""
+    version: str = ""
+    kind: str = ""
+    resource: str = ""
+    namespaced: bool = False
+
+
+class Binaries(_Model):
     """Where each program lives on the nodes (absolute paths).
 
     ``etcd-rivers`` runs the ``rivers`` program.
     """
-
-    model_config = _MODEL_CONFIG
 
     etcd: str = "/usr/local/bin/etcd"
     etcdctl: str = "/usr/local/bin/etcdctl"
@@ -220,9 +404,7 @@ class Binaries(BaseModel):
 _BINARY_NAMES = tuple(f.alias or name for name, f in Binaries.model_fields.items())
 
 
-class Node(BaseModel):
-    model_config = _MODEL_CONFIG
-
+class Node(_Model):
     address: str
     hostname: str = ""
     user: str
@@ -239,13 +421,18 @@ class Node(BaseModel):
         return self.hostname or self.address
 
 
-class Cluster(BaseModel):
-    model_config = _MODEL_CONFIG
-
+class Cluster(_Model):
     name: str
     nodes: list[Node]
+    taint_control_plane: bool = False
+    control_plane_tolerations: list[str] = Field(default_factory=list)
     service_subnet: str
     dns_servers: list[str] = Field(default_factory=list)
+    dns_service: str = ""
+    reboot: Reboot = Field(default_factory=Reboot)
+    repair: Repair = Field(default_factory=Repair)
+    sabakan: Sabakan = Field(default_factory=Sabakan)
+    trusted_rest_mappings: list[TrustedRESTMapping] = Field(default_factory=list)
     runtime: Literal["systemd", "process"] = "systemd"
     binaries: Binaries = Field(default_factory=Binaries)
     options: Options = Field(default_factory=Options)
@@ -474,14 +661,15 @@ def check_node_annotations(node: Node, path: str) -> list[Problem]:
     return problems
 
 
-def check_node_taints(node: Node, path: str) -> list[Problem]:
+def taints_problems(taints: list[Taint], path: str, *, reserved: bool = True) -> list[Problem]:
+    """Kubernetes taint rules for a list of taints at ``path``; ``reserved``: CKE's keys too."""
     problems: list[Problem] = []
     seen: dict[tuple[str, str], int] = {}
-    for i, taint in enumerate(node.taints):
-        where = f"{path}.taints[{i}]"
+    for i, taint in enumerate(taints):
+        where = f"{path}[{i}]"
         for field, problem in (
             ("key", qualified_name_problem(taint.key)),
-            ("key", reserved_key_problem(taint.key)),
+            ("key", reserved_key_problem(taint.key) if reserved else None),
             ("value", label_value_problem(taint.value)),
         ):
             if problem is not None:
@@ -490,8 +678,12 @@ def check_node_taints(node: Node, path: str) -> list[Problem]:
             problems.append((f"{where}.effect", f"must be one of {', '.join(TAINT_EFFECTS)}"))
         first = seen.setdefault((taint.key, taint.effect), i)
         if first != i:
-            problems.append((where, f"duplicate key and effect of {path}.taints[{first}]"))
+            problems.append((where, f"duplicate key and effect of {path}[{first}]"))
     return problems
+
+
+def check_node_taints(node: Node, path: str) -> list[Problem]:
+    return taints_problems(node.taints, f"{path}.taints")
 
 
 def check_node(node: Node, path: str) -> list[Problem]:
@@ -586,6 +778,20 @@ def check_service_params(params: ServiceParams, path: str) -> list[Problem]:
             problem = absolute_path_problem(getattr(mount, field))
             if problem is not None:
                 problems.append((f"{path}.extra_binds[{i}].{field}", problem))
+        problems += check_mount_options(mount, f"{path}.extra_binds[{i}]")
+    return problems
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return "must be one of " + ", ".join(repr(v) for v in values)
+
+
+def check_mount_options(mount: Mount, path: str) -> list[Problem]:
+    problems: list[Problem] = []
+    if mount.propagation not in MOUNT_PROPAGATIONS:
+        problems.append((f"{path}.propagation", _one_of(MOUNT_PROPAGATIONS)))
+    if mount.selinux_label not in SELINUX_LABELS:
+        problems.append((f"{path}.selinux_label", _one_of(SELINUX_LABELS)))
     return problems
 
 
@@ -595,6 +801,247 @@ def check_options(cluster: Cluster) -> list[Problem]:
         params = cluster.options.for_component(component)
         problems += check_service_params(params, f"options.{component}")
     problems += check_etcd_extra_args(cluster.options.etcd)
+    problems += check_etcd_volume_name(cluster.options.etcd)
+    problems += check_kube_api(cluster.options.kube_api)
+    problems += check_component_config(
+        cluster.options.kube_scheduler.config,
+        "options.kube-scheduler.config",
+        _SCHEDULER_API_VERSION,
+        "KubeSchedulerConfiguration",
+    )
+    problems += check_kube_proxy(cluster.options.kube_proxy)
+    problems += check_kubelet(cluster.options.kubelet)
+    return problems
+
+
+# Docker's rule for volume names.
+_VOLUME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]+", re.ASCII)
+
+
+def check_etcd_volume_name(params: EtcdParams) -> list[Problem]:
+    name = params.volume_name
+    if name and (len(name) > 255 or not _VOLUME_NAME_RE.fullmatch(name)):
+        return [
+            (
+                "options.etcd.volume_name",
+                "must be a Docker volume name: at least 2 ASCII letters, digits, '_', '.' "
+                "or '-', starting with a letter or digit (at most 255)",
+            )
+        ]
+    return []
+
+
+def check_kube_api(params: APIServerParams) -> list[Problem]:
+    """The audit policy must be a YAML mapping, and is required when audit is enabled."""
+    path = "options.kube-api"
+    problems: list[Problem] = []
+    if params.audit_log_policy:
+        problem = _audit_policy_problem(params.audit_log_policy)
+        if problem is not None:
+            problems.append((f"{path}.audit_log_policy", problem))
+    elif params.audit_log_enabled:
+        problems.append((f"{path}.audit_log_policy", "required when audit_log_enabled is true"))
+    if CONTROL_RE.search(params.audit_log_path):
+        problems.append((f"{path}.audit_log_path", "must not contain control characters"))
+    return problems
+
+
+def _audit_policy_problem(text: str) -> str | None:
+    try:
+        policy = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except Exception:  # any YAML error, RecursionError, bad timestamps
+        return "must be a YAML document"
+    if policy is not None and not isinstance(policy, dict):
+        return "must be a YAML mapping (an audit Policy)"
+    return None
+
+
+_SCHEDULER_API_VERSION = "kubescheduler.config.k8s.io/v1"
+_PROXY_API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
+_KUBELET_API_VERSION = "kubelet.config.k8s.io/v1beta1"
+PROXY_MODES = ("", "userspace", "iptables", "ipvs")
+
+
+def check_component_config(
+    config: ComponentConfig | None, path: str, api_version: str, kind: str
+) -> list[Problem]:
+    """A partial component configuration: CKE's one ``apiVersion`` and ``kind``, finite numbers."""
+    if config is None:
+        return []
+    problems: list[Problem] = []
+    if config.get("apiVersion") != api_version:
+        problems.append((f"{path}.apiVersion", f"must be {api_version}"))
+    if config.get("kind") != kind:
+        problems.append((f"{path}.kind", f"must be {kind}"))
+    for where in _non_finite_numbers(config, path):
+        problems.append((where, "must be a finite number"))
+    return problems
+
+
+def _non_finite_numbers(value: JsonValue, path: str) -> list[str]:
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, dict):
+        found: list[str] = []
+        for key, item in value.items():
+            found += _non_finite_numbers(item, f"{path}[{_quote(key)}]")
+        return found
+    if isinstance(value, list):
+        found = []
+        for i, item in enumerate(value):
+            found += _non_finite_numbers(item, f"{path}[{i}]")
+        return found
+    return []
+
+
+def check_kube_proxy(params: ProxyParams) -> list[Problem]:
+    path = "options.kube-proxy.config"
+    problems = check_component_config(
+        params.config, path, _PROXY_API_VERSION, "KubeProxyConfiguration"
+    )
+    if params.config is not None and params.config.get("mode", "") not in PROXY_MODES:
+        problems.append((f"{path}.mode", _one_of(PROXY_MODES)))
+    return problems
+
+
+_CNI_FILE_NAME_RE = re.compile(r"[0-9A-Za-z_.-]+", re.ASCII)
+
+
+def check_kubelet(params: KubeletParams) -> list[Problem]:
+    path = "options.kubelet"
+    problems = taints_problems(params.boot_taints, f"{path}.boot_taints", reserved=False)
+    problems += check_cni_conf_file(params.cni_conf_file, f"{path}.cni_conf_file")
+    problems += check_component_config(
+        params.config, f"{path}.config", _KUBELET_API_VERSION, "KubeletConfiguration"
+    )
+    if params.config is not None:
+        domain = params.config.get("clusterDomain", "")
+        problem = dns_subdomain_problem(domain) if isinstance(domain, str) else "must be a string"
+        if domain and problem is not None:
+            problems.append((f"{path}.config.clusterDomain", problem))
+    if not params.cri_endpoint:
+        problems.append((f"{path}.cri_endpoint", "must not be empty"))
+    elif CONTROL_RE.search(params.cri_endpoint):
+        problems.append((f"{path}.cri_endpoint", "must not contain control characters"))
+    return problems
+
+
+def check_cni_conf_file(conf: CNIConfFile, path: str) -> list[Problem]:
+    """The file CKE would put in /etc/cni/net.d: a plain name and a CNI JSON config."""
+    if not conf.name:
+        return [(f"{path}.name", "required when content is set")] if conf.content else []
+    if len(conf.name) > 255 or not _CNI_FILE_NAME_RE.fullmatch(conf.name):
+        return [(f"{path}.name", "must be a file name of ASCII letters, digits, '_', '.', '-'")]
+    try:
+        data = json.loads(conf.content)
+    except (ValueError, RecursionError):
+        return [(f"{path}.content", "must be a JSON CNI configuration")]
+    if conf.name.endswith(".conflist"):
+        plugins = data.get("plugins") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return [(f"{path}.content", "a .conflist must be a JSON object with a 'name'")]
+        if not isinstance(plugins, list) or not plugins:
+            return [(f"{path}.content", "a .conflist must have a non-empty 'plugins' list")]
+        configs = plugins
+    else:
+        configs = [data]
+    if not all(
+        isinstance(c, dict) and isinstance(c.get("type"), str) and c["type"] for c in configs
+    ):
+        return [(f"{path}.content", "each CNI configuration must be an object with a 'type'")]
+    return []
+
+
+def check_control_plane_tolerations(cluster: Cluster) -> list[Problem]:
+    problems: list[Problem] = []
+    for i, key in enumerate(cluster.control_plane_tolerations):
+        problem = qualified_name_problem(key)
+        if problem is not None:
+            problems.append((f"control_plane_tolerations[{i}]", problem))
+    return problems
+
+
+_DNS_LABEL_RE = re.compile(_DNS_LABEL)
+
+
+def check_dns_service(cluster: Cluster) -> list[Problem]:
+    """``namespace/service``: two Kubernetes names."""
+    if not cluster.dns_service:
+        return []
+    parts = cluster.dns_service.split("/")
+    if len(parts) != 2 or not all(
+        len(p) <= 63 and _DNS_LABEL_RE.fullmatch(p) is not None for p in parts
+    ):
+        return [("dns_service", "must be namespace/service (two RFC 1123 DNS labels)")]
+    return []
+
+
+def label_selector_problems(selector: LabelSelector | None, path: str) -> list[Problem]:
+    """A Kubernetes label selector: valid keys and values, operators with fitting values."""
+    if selector is None:
+        return []
+    problems: list[Problem] = []
+    for key, value in selector.match_labels.items():
+        where = f"{path}.matchLabels[{_quote(key)}]"
+        for problem in (qualified_name_problem(key), label_value_problem(value)):
+            if problem is not None:
+                problems.append((where, problem))
+    for i, req in enumerate(selector.match_expressions):
+        where = f"{path}.matchExpressions[{i}]"
+        problem = qualified_name_problem(req.key)
+        if problem is not None:
+            problems.append((f"{where}.key", problem))
+        if req.operator in ("In", "NotIn"):
+            if not req.values:
+                problems.append((f"{where}.values", f"must not be empty for {req.operator}"))
+        elif req.operator in ("Exists", "DoesNotExist"):
+            if req.values:
+                problems.append((f"{where}.values", f"must be empty for {req.operator}"))
+        else:
+            problems.append((f"{where}.operator", _one_of(_SELECTOR_OPERATORS)))
+        for j, value in enumerate(req.values):
+            problem = label_value_problem(value)
+            if problem is not None:
+                problems.append((f"{where}.values[{j}]", problem))
+    return problems
+
+
+_SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+def check_reboot(cluster: Cluster) -> list[Problem]:
+    reboot = cluster.reboot
+    return label_selector_problems(
+        reboot.protected_namespaces, "reboot.protected_namespaces"
+    ) + label_selector_problems(reboot.protected_job_pods, "reboot.protected_job_pods")
+
+
+def check_repair(cluster: Cluster) -> list[Problem]:
+    repair = cluster.repair
+    return label_selector_problems(
+        repair.protected_namespaces, "repair.protected_namespaces"
+    ) + label_selector_problems(repair.protected_job_pods, "repair.protected_job_pods")
+
+
+def check_sabakan(cluster: Cluster) -> list[Problem]:
+    key = cluster.sabakan.spare_node_taint_key
+    problem = qualified_name_problem(key) if key else None
+    return [] if problem is None else [("sabakan.spare_node_taint_key", problem)]
+
+
+def check_trusted_rest_mappings(cluster: Cluster) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, m in enumerate(cluster.trusted_rest_mappings):
+        where = f"trusted_rest_mappings[{i}]"
+        for field in ("version", "kind", "resource"):
+            if not getattr(m, field):
+                problems.append((f"{where}.{field}", "must not be empty"))
+        first = seen.setdefault((m.group, m.version, m.kind), i)
+        if first != i:
+            problems.append(
+                (where, f"duplicate group/version/kind of trusted_rest_mappings[{first}]")
+            )
     return problems
 
 
@@ -648,11 +1095,61 @@ def cluster_problems(cluster: Cluster) -> list[Problem]:
         problems += check_node(node, f"nodes[{i}]")
     problems += check_duplicates(cluster.nodes)
     problems += check_control_plane_present(cluster.nodes)
+    problems += check_control_plane_tolerations(cluster)
     problems += check_service_subnet(cluster)
     problems += check_dns_servers(cluster)
+    problems += check_dns_service(cluster)
+    problems += check_reboot(cluster)
+    problems += check_repair(cluster)
+    problems += check_sabakan(cluster)
+    problems += check_trusted_rest_mappings(cluster)
     problems += check_binaries(cluster)
     problems += check_options(cluster)
     return problems
+
+
+# What cke stores and checks but does not act on: no Kubernetes runs here (no kube-*
+# components, kubelet, cluster DNS, node taints of control planes, reboots, repairs or
+# REST mappings; the sabakan generator has no Kubernetes taints to look at), no Docker
+# (bind mounts, volumes) and no rivers proxies.  Only ``options.etcd``'s arguments and
+# environment, the etcd binaries, the nodes and ``runtime`` drive what cke does.
+_INERT_TOP = (
+    "taint_control_plane",
+    "control_plane_tolerations",
+    "dns_service",
+    "reboot",
+    "repair",
+    "sabakan",
+    "trusted_rest_mappings",
+)
+_INERT_BINARIES = tuple(b for b in _BINARY_NAMES if b not in ("etcd", "etcdctl"))
+_INERT_COMPONENTS = tuple(c for c in COMPONENTS if c != "etcd")
+_INERT_ETCD = ("extra_binds", "volume_name")
+
+
+def _set_fields(model: BaseModel, keys: Iterable[str] | None, prefix: str) -> list[str]:
+    """``prefix + key`` of the fields of ``model`` (``keys``, or all) not at their default."""
+    wanted = None if keys is None else frozenset(keys)
+    found: list[str] = []
+    for name, info in type(model).model_fields.items():
+        key = info.alias or name
+        if wanted is not None and key not in wanted:
+            continue
+        if getattr(model, name) != info.get_default(call_default_factory=True):
+            found.append(prefix + key)
+    return found
+
+
+def inert_fields(cluster: Cluster) -> list[str]:
+    """The paths of the fields set (not at their default) that cke does not act on."""
+    found = _set_fields(cluster, _INERT_TOP, "")
+    found += _set_fields(cluster.binaries, _INERT_BINARIES, "binaries.")
+    found += _set_fields(cluster.options.etcd, _INERT_ETCD, "options.etcd.")
+    for component in _INERT_COMPONENTS:
+        found += _set_fields(
+            cluster.options.for_component(component), None, f"options.{component}."
+        )
+    return found
 
 
 def check_cluster(cluster: Cluster) -> None:

@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dial-timeout", default="10s", help="upstream dial timeout")
     parser.add_argument("--dial-keep-alive", default="15s", help="TCP keep-alive to upstreams")
     parser.add_argument(
-        "--shutdown-timeout", default="10s", help="time open connections get at shutdown"
+        "--shutdown-timeout",
+        default="10s",
+        help="time open connections get at shutdown (0: no limit, wait for them all)",
     )
     parser.add_argument("--metrics", default="", help="ADDR:PORT for /metrics and /health")
     parser.add_argument("--logfile", default="", help="log to this file instead of stderr")
@@ -263,6 +265,11 @@ async def serve(options: Options, argv: Sequence[str]) -> int:
     if supervisor is not None:
         supervisor.signal_workers()
         await proxy.shutdown()
+        if options.proxy.shutdown_timeout == 0:
+            # No limit: the workers drain for as long as their connections stay open.
+            for handle in supervisor.handles:
+                if handle.proc is not None:
+                    await handle.proc.wait()
         # Workers drain on their own clock; allow a little more before SIGKILL.
         clean = await supervisor.wait(options.proxy.shutdown_timeout + 5)
     else:

@@ -220,7 +220,7 @@ class ProxyConfig:
     check_interval: float = 20.0
     dial_timeout: float = 10.0
     dial_keep_alive: float = 15.0
-    shutdown_timeout: float = 10.0
+    shutdown_timeout: float = 10.0  # seconds; 0: wait for open connections forever
     # Per process (main.py gives each worker its share of --max-connections).
     # None: auto, from the descriptor limit; 0: no limit.
     max_connections: int | None = None
@@ -506,16 +506,18 @@ class Proxy:
         return len(self.dialing) + sum(len(u.sessions) for u in self.upstreams)
 
     async def shutdown(self) -> None:
-        """Stop accepting now; let open connections finish up to shutdown_timeout."""
+        """Stop accepting now; let open connections finish up to shutdown_timeout
+        (0: no limit, wait until every connection has closed, as upstream rivers)."""
         self.close_listener()
         if self._health_task is not None:
             self._health_task.cancel()
         active = self.active_count()
-        log.info("shutting down", active=active, timeout=self.config.shutdown_timeout)
+        limit = self.config.shutdown_timeout or None
+        log.info("shutting down", active=active, timeout=limit if limit else "none")
         if active:
             self._all_closed.clear()
             try:
-                async with asyncio.timeout(self.config.shutdown_timeout):
+                async with asyncio.timeout(limit):
                     await self._all_closed.wait()
             except TimeoutError:
                 left = self._live_sessions()

@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 from etcd3aio import EtcdError
 from prometheus_client import CollectorRegistry, Gauge, Histogram
-from prometheus_client import Counter as PCounter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from cke import __version__
 from cke.common.logs import get_logger
 from sabakan.model import (
     MAX_BODY_BYTES,
@@ -24,6 +24,7 @@ from sabakan.model import (
     TransitionError,
     now,
     parse_label_pairs,
+    parse_label_value,
     parse_labels,
     parse_log_time,
     parse_machines,
@@ -57,21 +58,28 @@ def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
+    """Upstream sabakan's metric names and labels (``sabakan_machine_status``,
+    ``sabakan_api_request_count``), plus a latency histogram and ``sabakan_leader``,
+    which upstream does not have."""
+
+    API_REQUEST_COUNT = "sabakan_api_request_count"
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.machines = Gauge(
-            "sabakan_machines",
-            "Machines by state, role and rack",
-            ["state", "role", "rack"],
+        self.machine_status = Gauge(
+            "sabakan_machine_status",
+            "The machine status: 1 for the state a machine is in, 0 for the others",
+            ["status", "address", "serial", "rack", "role", "machine_type"],
             registry=self.registry,
         )
-        self.requests = PCounter(
-            "sabakan_http_requests",
-            "HTTP requests by method, route and status",
-            ["method", "route", "status"],
-            registry=self.registry,
-        )
+        # Upstream's name has no ``_total``; prometheus_client would add one to a
+        # Counter, so this counter is kept here and written out by ``expose``.
+        self.requests: Counter[tuple[str, str, str]] = Counter()
         self.latency = Histogram(
             "sabakan_http_request_duration_seconds",
             "HTTP request latency",
@@ -82,11 +90,32 @@ class Metrics:
             "sabakan_leader", "1 when this replica holds the election", registry=self.registry
         )
 
+    def count_request(self, code: int, path: str, verb: str) -> None:
+        self.requests[(str(code), path, verb)] += 1
+
     def observe_machines(self, machines: list[Machine]) -> None:
-        self.machines.clear()
-        counts = Counter((m.status.state.value, m.spec.role, str(m.spec.rack)) for m in machines)
-        for (state, role, rack), n in counts.items():
-            self.machines.labels(state=state, role=role, rack=rack).set(n)
+        self.machine_status.clear()
+        for m in machines:
+            spec = m.spec
+            address = spec.ipv4[0] if spec.ipv4 else ""
+            labels = (address, spec.serial, str(spec.rack), spec.role)
+            machine_type = spec.labels.get("machine-type", "")
+            for state in MachineState:
+                value = 1 if state is m.status.state else 0
+                self.machine_status.labels(state.value, *labels, machine_type).set(value)
+
+    def expose(self) -> bytes:
+        name = self.API_REQUEST_COUNT
+        lines = [
+            f"# HELP {name} The total count of API calls.\n",
+            f"# TYPE {name} counter\n",
+        ]
+        for (code, path, verb), n in sorted(self.requests.items()):
+            lines.append(
+                f'{name}{{code="{_escape(code)}",path="{_escape(path)}",'
+                f'verb="{_escape(verb)}"}} {n}\n'
+            )
+        return generate_latest(self.registry) + "".join(lines).encode()
 
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
@@ -177,7 +206,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         status = resp.status
         return resp
     finally:
-        metrics.requests.labels(request.method, route, str(status)).inc()
+        # path: the route (``/api/v1/state/{serial}``), not the raw path upstream
+        # counts, so that the number of series stays bounded.
+        metrics.count_request(status, route, request.method)
         metrics.latency.labels(request.method, route).observe(time.perf_counter() - start)
         if route.startswith("/api/"):
             # Who asked: the client certificate's CN (cke reads the machines as "cke").
@@ -276,6 +307,14 @@ async def put_labels(request: web.Request) -> web.Response:
     return web.json_response(machine.to_api())
 
 
+async def put_label(request: web.Request) -> web.Response:
+    """Upstream's form: one label, its value the raw body."""
+    serial, key = request.match_info["serial"], request.match_info["label"]
+    labels = parse_label_value(key, await request.read())
+    machine = await request.app[STORAGE_KEY].put_labels(serial, labels, _actor(request))
+    return web.json_response(machine.to_api())
+
+
 async def delete_label(request: web.Request) -> web.Response:
     storage = request.app[STORAGE_KEY]
     serial, key = request.match_info["serial"], request.match_info["label"]
@@ -303,6 +342,10 @@ async def get_health(request: web.Request) -> web.Response:
     return web.json_response({"health": "healthy", "leader": bool(leader.get("leader"))})
 
 
+async def get_version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__})
+
+
 async def get_metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS_KEY]
     try:
@@ -310,8 +353,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     except EtcdError as exc:
         log.warning("metrics: cannot list machines", error=str(exc))
     metrics.leader.set(1 if request.app[LEADER_KEY].get("leader") else 0)
-    body = generate_latest(metrics.registry)
-    resp = web.Response(body=body)
+    resp = web.Response(body=metrics.expose())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
 
@@ -334,8 +376,11 @@ def make_app(
     r.add_put("/api/v1/retire-date/{serial}", put_retire_date)
     r.add_delete("/api/v1/retire-date/{serial}", delete_retire_date)
     r.add_put("/api/v1/labels/{serial}", put_labels)
-    r.add_delete("/api/v1/labels/{serial}/{label}", delete_label)
+    # {label:.+}: a label name may hold a '/' (``prefix/name``).
+    r.add_put("/api/v1/labels/{serial}/{label:.+}", put_label)
+    r.add_delete("/api/v1/labels/{serial}/{label:.+}", delete_label)
     r.add_get("/api/v1/logs", get_logs)
+    r.add_get("/version", get_version)
     r.add_get("/health", get_health)
     r.add_get("/metrics", get_metrics)
     return app

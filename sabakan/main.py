@@ -16,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cke.common.durations import parse_duration
 from cke.common.election import Election, LeaderKey
-from cke.common.etcd import ConfigError, EtcdSettings, format_validation_error, make_client
+from cke.common.etcd import (
+    ConfigError,
+    EtcdSettings,
+    authenticate,
+    format_validation_error,
+    make_client,
+)
 from cke.common.logs import get_logger, setup_logging
 from cke.common.yamlfile import YAMLFileError, load_yaml
 from sabakan.api import LEADER_KEY, METRICS_KEY, STORAGE_KEY, get_metrics, make_app
@@ -114,9 +120,9 @@ def load_config(args: argparse.Namespace) -> Config:
         "timeout": args.etcd_timeout,
         "username": args.etcd_username,
         "password": args.etcd_password,
-        "tls-ca": args.etcd_tls_ca,
-        "tls-cert": args.etcd_tls_cert,
-        "tls-key": args.etcd_tls_key,
+        "tls-ca-file": args.etcd_tls_ca,
+        "tls-cert-file": args.etcd_tls_cert,
+        "tls-key-file": args.etcd_tls_key,
     }
     etcd.update({k: v for k, v in flags_etcd.items() if v is not None})
     raw["etcd"] = etcd
@@ -167,6 +173,7 @@ async def _migrate(storage: Storage) -> None:
 async def serve(config: Config) -> None:
     client = make_client(config.etcd)
     await client.connect()
+    await authenticate(client, config.etcd)  # etcdutil's username/password, if set
     storage = Storage(client, config.etcd.prefix)
     await _migrate(storage)
     app = make_app(storage, config.networks())

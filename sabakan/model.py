@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import re
 from enum import StrEnum
 from typing import Any
@@ -307,13 +308,54 @@ def parse_machines(body: bytes) -> list[MachineInput]:
     return machines
 
 
+_RFC3339_RE = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
+)
+_RETIRE_DATE_WANT = (
+    "want an RFC 3339 date-time such as 2018-11-21T01:23:45Z, raw or as a JSON string"
+)
+
+
+def parse_rfc3339(text: str) -> dt.datetime:
+    """A full RFC 3339 date-time with an offset (what Go's ``time.RFC3339Nano`` reads);
+    fractions beyond microseconds are cut."""
+    match = _RFC3339_RE.fullmatch(text)
+    if not match:
+        raise ValueError(f"not an RFC 3339 date-time: {shown(text)}")
+    date, clock, frac, zone = match.groups()
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    return dt.datetime.fromisoformat(f"{date}T{clock}{(frac or '')[:7]}{zone}")
+
+
 def parse_retire_date(body: bytes) -> dt.datetime:
-    """``PUT /api/v1/retire-date``: a JSON string with an RFC 3339 date-time."""
+    """``PUT /api/v1/retire-date``: an RFC 3339 date-time, as the raw body (upstream's
+    form, surrounding white space ignored) or as a JSON string (this API's older form)."""
     try:
-        return _DATE.validate_json(body, strict=True)
-    except ValidationError as exc:
-        msgs = "; ".join(e["msg"] for e in exc.errors())
-        raise InputError(f"retire-date: {msgs} (want a JSON string in RFC 3339)") from None
+        text = body.decode("utf-8").strip()
+        if text.startswith('"'):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = None
+            if not isinstance(value, str):
+                raise ValueError("a body starting with '\"' must be one JSON string")
+            text = value
+        return parse_rfc3339(text)
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise InputError(f"retire-date: {exc} ({_RETIRE_DATE_WANT})") from None
+
+
+def parse_label_value(label: str, body: bytes) -> dict[str, str]:
+    """``PUT /api/v1/labels/<serial>/<label>``: the value is the raw body (upstream's
+    form; not trimmed, an empty body is an empty value). Returns ``{label: value}``."""
+    try:
+        value = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"labels: the value of {shown(label)} must be UTF-8 text") from None
+    try:
+        return check_labels({label: value})
+    except ValueError as exc:
+        raise InputError(f"labels: {exc}") from None
 
 
 def parse_labels(body: bytes) -> dict[str, str]:

@@ -187,13 +187,15 @@ async def _run(args: argparse.Namespace) -> int:
         elif action == "remove":
             await call("DELETE", f"/api/v1/machines/{args.serial}")
         elif action == "set-retire-date":
-            date = json.dumps(_retire_date(args.date))
+            # Upstream's form: the RFC 3339 date-time as the raw body.
+            date = _retire_date(args.date)
             await call("PUT", f"/api/v1/retire-date/{args.serial}", data=date)
         elif action == "clear-retire-date":
             await call("DELETE", f"/api/v1/retire-date/{args.serial}")
         elif action == "set-label":
-            data = json.dumps({args.label: args.value})
-            await call("PUT", f"/api/v1/labels/{args.serial}", data=data)
+            # Upstream's form: one label in the path, its value the raw body.
+            path = f"/api/v1/labels/{args.serial}/{args.label}"
+            await call("PUT", path, data=args.value.encode())
         elif action == "remove-label":
             await call("DELETE", f"/api/v1/labels/{args.serial}/{args.label}")
     return 0

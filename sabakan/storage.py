@@ -342,13 +342,18 @@ class Storage:
         only_from: Iterable[MachineState] | None = None,
     ) -> Machine:
         """Change the state if the lifecycle allows it (and, for the state setter, only
-        when the current state is one of ``only_from``: it raises ConflictError otherwise)."""
+        when the current state is one of ``only_from``: it raises ConflictError otherwise).
+
+        The state the machine already has is a no-op, as upstream: nothing is written
+        (no timestamp change, no audit record) and the machine is returned as it is."""
         allowed = frozenset(only_from) if only_from is not None else None
 
-        def change(m: Machine) -> tuple[Machine, Any, Any]:
+        def change(m: Machine) -> tuple[Machine, Any, Any] | None:
             current = m.status.state
             if allowed is not None and current not in allowed:
                 raise ConflictError(f"machine {serial} is {current.value}; left alone")
+            if current == target:
+                return None
             check_transition(current, target)
             new = m.model_copy(
                 update={"status": MachineStatus(state=target, timestamp=now())}, deep=True

@@ -11,7 +11,7 @@ import sys
 from typing import NoReturn
 
 from cke.common.durations import parse_duration
-from cke.common.etcd import ConfigError, load_etcd_settings, make_client
+from cke.common.etcd import ConfigError, authenticate, load_etcd_settings, make_client
 from cke.common.httpserver import parse_listen_address, start_http
 from cke.common.logs import get_logger, setup_logging
 from cke.sabakan.integration import Integrator
@@ -70,6 +70,7 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interva
     settings = load_etcd_settings(args.config)
     client = make_client(settings)
     await client.connect()
+    await authenticate(client, settings)  # etcdutil's username/password, if set
     storage = Storage(client, settings.prefix, timeout=max(settings.timeout, 2.0))
     metrics = ServerMetrics()
 

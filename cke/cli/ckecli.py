@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import datetime as dt
 import difflib
 import json
 import os
 import secrets
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -18,8 +18,9 @@ from typing import Any, NoReturn
 import asyncssh
 import yaml
 from cryptography import x509
-from etcd3aio import EtcdError
+from etcd3aio import EtcdError, SortOrder, SortTarget, WatchFilter, prefix_range_end
 
+from cke import __version__
 from cke.cluster import (
     CONSTRAINT_NAMES,
     ClusterError,
@@ -33,7 +34,7 @@ from cke.cluster import (
     validate_cluster,
 )
 from cke.common.durations import parse_duration
-from cke.common.etcd import ConfigError, load_etcd_settings, make_client
+from cke.common.etcd import ConfigError, authenticate, load_etcd_settings, make_client
 from cke.common.logs import error_line
 from cke.etcdadmin import EtcdAdmin, EtcdCredentials
 from cke.pki import (
@@ -56,6 +57,7 @@ from cke.sabakan.settings import (
 from cke.server.safety import check_control_plane_change
 from cke.storage import (
     KEY_CA_PREFIX,
+    KEY_RECORDS_PREFIX,
     KEY_SABAKAN_DISABLED,
     KEY_SABAKAN_QUERY_VARIABLES,
     KEY_SABAKAN_TEMPLATE,
@@ -73,7 +75,11 @@ from cke.vaultsetup import init_vault
 
 
 class CLIError(Exception):
-    """A one-line error for the operator; exit status 1."""
+    """A one-line error for the operator; exit status 1 unless ``code`` says otherwise."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,7 +166,8 @@ async def cmd_constraints_show(storage: Storage, args: argparse.Namespace) -> No
     raw = await storage.get_constraints()
     constraints = constraints_from_json(stored_text(raw.value, "constraints"))
     doc = json.loads(constraints_to_json(constraints))
-    _emit(doc, args.output, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+    # As upstream: a JSON object (indented by four spaces) unless -o asks otherwise.
+    _emit(doc, args.output, lambda d: json.dumps(d, indent=4))
 
 
 async def cmd_constraints_set(storage: Storage, args: argparse.Namespace) -> None:
@@ -203,9 +210,66 @@ def _record_line(r: Record) -> str:
 async def cmd_history(storage: Storage, args: argparse.Namespace) -> None:
     if not 0 <= args.n <= MAX_HISTORY:
         raise CLIError(f"-n: must be between 0 and {MAX_HISTORY} (0: all)")
+    if args.follow:
+        await _follow_history(storage, args)
+        return
     records = await storage.get_records(args.n)
     docs = [r.to_dict() for r in records]
     _emit(docs, args.output, lambda _: "\n".join(_record_line(r) for r in records))
+
+
+# As upstream: ``history -f`` without ``-n`` starts from the newest 20 records.
+FOLLOW_INITIAL_COUNT = 20
+
+
+def _print_followed(record: Record, output: str | None) -> None:
+    if output == "json":
+        print(json.dumps(record.to_dict()), flush=True)
+    elif output == "yaml":
+        print("---\n" + yaml.safe_dump(record.to_dict(), sort_keys=False), end="", flush=True)
+    else:
+        print(_record_line(record), flush=True)
+
+
+async def _follow_history(storage: Storage, args: argparse.Namespace) -> None:
+    """Print the newest records oldest first, then every record written afterwards.
+
+    New records and updates of known ones (new -> running -> completed) come from an
+    etcd watch that starts right after the revision the records were read at, so
+    nothing is missed or printed twice; it runs until interrupted.
+    """
+    start = storage.key(KEY_RECORDS_PREFIX)
+    end = prefix_range_end(start)
+    resp = await storage.kv.get(
+        start,
+        range_end=end,
+        sort_order=SortOrder.DESCEND,
+        sort_target=SortTarget.KEY,
+        limit=args.n or FOLLOW_INITIAL_COUNT,
+        timeout=storage.timeout,
+    )
+    initial = []
+    for kv in resp.kvs:
+        try:
+            initial.append(Record.from_json(kv.value))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue  # as get_records: an unreadable record is skipped
+    for record in sorted(initial, key=lambda r: r.id):
+        _print_followed(record, args.output)
+    watch = storage.client.watch
+    assert watch is not None
+    async for event_batch in watch.watch(
+        start,
+        range_end=end,
+        start_revision=resp.header.revision + 1,
+        filters=[WatchFilter.NODELETE],
+    ):
+        for event in event_batch.events:
+            try:
+                record = Record.from_json(event.kv.value)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                continue
+            _print_followed(record, args.output)
 
 
 def _status_text(doc: dict[str, Any]) -> str:
@@ -241,12 +305,17 @@ def _status_text(doc: dict[str, Any]) -> str:
             lines.append(f"  - [{b['rule']}] {b['message']}{nodes}")
     else:
         lines.append("blocked: nothing")
+    if doc.get("inert"):
+        lines.append(f"inert here: {', '.join(doc['inert'])}")
     return "\n".join(lines)
 
 
 async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
     leader = await storage.get_leader_name()
     status = await storage.get_status()
+    if status is None:
+        # As upstream: no status (cke never ran on this prefix) is exit status 4.
+        raise CLIError("no status", code=4)
     records = await storage.get_records(1)
     doc: dict[str, Any] = {
         "leader": leader or "",
@@ -258,7 +327,17 @@ async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
         "cluster-revision": status.cluster_revision if status else 0,
         "sabakan": status.sabakan if status else {},
         "last-record": records[0].to_dict() if records else None,
+        "inert": [],
     }
+    # The stored cluster's fields that cke keeps but does not act on (issue 18).
+    from cke.cluster import inert_fields
+
+    try:
+        stored = stored_text((await storage.get_cluster()).value, "cluster")
+        if stored is not None:
+            doc["inert"] = inert_fields(cluster_from_json(stored))
+    except ValueError:  # ClusterError, UnreadableValue: reported where the cluster is used
+        pass
     _emit(doc, args.output, _status_text)
 
 
@@ -327,20 +406,21 @@ async def _vault_from_etcd(storage: Storage) -> Vault:
 
 
 async def cmd_vault_init(storage: Storage, args: argparse.Namespace) -> None:
-    endpoint = os.environ.get("VAULT_ADDR", "")
+    # As upstream: --endpoint and --cacert, each falling back to VAULT_ADDR / VAULT_CACERT.
+    endpoint_from = "--endpoint" if args.endpoint else "VAULT_ADDR"
+    endpoint = args.endpoint or os.environ.get("VAULT_ADDR", "")
+    cacert = args.cacert or os.environ.get("VAULT_CACERT", "")
     token = os.environ.get("VAULT_TOKEN", "")
     if not endpoint:
-        raise CLIError("VAULT_ADDR: required (the Vault URL)")
+        raise CLIError("--endpoint (or VAULT_ADDR): required (the Vault URL)")
     if not token:
         raise CLIError("VAULT_TOKEN: required (a token allowed to set Vault up)")
     if endpoint.startswith("http://") and not args.allow_insecure_http:
         raise CLIError(
-            "VAULT_ADDR: http:// would send the token and the secret-id in clear; "
+            f"{endpoint_from}: http:// would send the token and the secret-id in clear; "
             "want https:// (or --allow-insecure-http, for a lab)"
         )
-    ca_cert = None
-    if os.environ.get("VAULT_CACERT"):
-        ca_cert = await _read_input(os.environ["VAULT_CACERT"])
+    ca_cert = await _read_input(cacert) if cacert else None
     admin = Vault(endpoint, ca_cert, token=token)
     try:
         changes = await init_vault(admin, storage, endpoint, ca_cert, args.allow_insecure_http)
@@ -391,20 +471,42 @@ async def cmd_vault_ssh_privkey(storage: Storage, args: argparse.Namespace) -> N
     print(f"stored the SSH key for {args.host or 'every node (default)'}")
 
 
+def rotate_aescbc(current: str | None, now: dt.datetime) -> str:
+    """The ``aescbc`` value after a rotation, in upstream's shape.
+
+    That is the JSON of Kubernetes' AESConfiguration, ``{"keys": [{"name", "secret"}]}``:
+    a new 32-byte key (named by the UTC time, RFC 3339) first, then the key that was
+    current, if any; older keys are dropped. A bare list of keys, as earlier versions
+    of this project stored, is read too.
+    """
+    keys: list[Any] = []
+    if current:
+        try:
+            doc = json.loads(current)
+        except ValueError as exc:
+            raise CLIError(f"the stored aescbc key is not JSON: {exc}") from None
+        keys = doc if isinstance(doc, list) else (doc or {}).get("keys") or []
+        if not isinstance(keys, list):
+            raise CLIError("the stored aescbc key has no list of keys")
+    new = {
+        "name": now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "secret": base64.b64encode(secrets.token_bytes(32)).decode(),
+    }
+    return json.dumps({"keys": [new, *keys[:1]]})
+
+
 async def cmd_vault_enckey(storage: Storage, args: argparse.Namespace) -> None:
     vault = await _vault_from_etcd(storage)
     try:
-        if await vault.read_kv(SECRETS_MOUNT, "k8s"):
-            print("an encryption key exists already; nothing changed")
-            return
-        key = {
-            "name": f"key-{int(time.time())}",
-            "secret": base64.b64encode(secrets.token_bytes(32)).decode(),
-        }
-        await vault.write_kv(SECRETS_MOUNT, "k8s", {"aescbc": json.dumps([key])})
+        data = await vault.read_kv(SECRETS_MOUNT, "k8s") or {}
+        current = data.get("aescbc")
+        data["aescbc"] = rotate_aescbc(
+            current if isinstance(current, str) else None, dt.datetime.now(dt.UTC)
+        )
+        await vault.write_kv(SECRETS_MOUNT, "k8s", data)
     finally:
         vault.close()
-    print("created the Kubernetes encryption key")
+    print("succeeded")
 
 
 async def cmd_ca_set(storage: Storage, args: argparse.Namespace) -> None:
@@ -633,6 +735,7 @@ def _add_sabakan_parser(sub: Any, reader: Callable[[argparse.ArgumentParser], No
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ckecli", description="control cke through etcd")
     parser.add_argument("--config", default="/etc/cke/config.yml", help="etcd configuration")
+    parser.add_argument("--version", action="version", version=f"ckecli {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def reader(p: argparse.ArgumentParser) -> None:
@@ -653,9 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     reader(p)
     p.set_defaults(func=cmd_cluster_get)
 
-    constraints = sub.add_parser("constraints", help="the constraints")
+    constraints = sub.add_parser("constraints", aliases=["cstr"], help="the constraints")
     ksub = constraints.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
-    p = ksub.add_parser("show")
+    p = ksub.add_parser("show", help="print the constraints (JSON unless -o yaml)")
     reader(p)
     p.set_defaults(func=cmd_constraints_show)
     p = ksub.add_parser("set", help=f"set one of: {', '.join(CONSTRAINT_NAMES)}")
@@ -666,7 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
     vault = sub.add_parser("vault", help="Vault set-up and secrets")
     vsub = vault.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
     insecure = "accept an http:// Vault endpoint (secrets in clear; labs only)"
-    p = vsub.add_parser("init", help="set Vault up for cke (VAULT_ADDR, VAULT_TOKEN)")
+    p = vsub.add_parser("init", help="set Vault up for cke (VAULT_TOKEN)")
+    p.add_argument("--endpoint", default="", help="Vault URL (default: $VAULT_ADDR)")
+    p.add_argument("--cacert", default="", help="CA certificate file (default: $VAULT_CACERT)")
     p.add_argument("--allow-insecure-http", action="store_true", help=insecure)
     p.set_defaults(func=cmd_vault_init)
     p = vsub.add_parser("config", help="store the AppRole login (JSON file or -)")
@@ -677,7 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", "-host", default="", help="node address (default: every node)")
     p.add_argument("file")
     p.set_defaults(func=cmd_vault_ssh_privkey)
-    p = vsub.add_parser("enckey", help="create the Kubernetes encryption key if absent")
+    p = vsub.add_parser(
+        "enckey", help="new Kubernetes encryption key; the current one is kept, older dropped"
+    )
     p.set_defaults(func=cmd_vault_enckey)
 
     ca = sub.add_parser("ca", help="CA certificates stored in etcd")
@@ -712,9 +819,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-n", "--count", dest="n", type=int, default=0, help="at most N records (0: all)"
     )
+    p.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new records (until Ctrl-C)"
+    )
     reader(p)
     p.set_defaults(func=cmd_history)
-    p = sub.add_parser("status", help="leader, phase, last operation and what is blocked")
+    p = sub.add_parser(
+        "status", help="leader, phase, last operation and what is blocked (exit 4: no status)"
+    )
     reader(p)
     p.set_defaults(func=cmd_status)
     _add_sabakan_parser(sub, reader)
@@ -726,6 +838,7 @@ async def _run(args: argparse.Namespace) -> None:
     client = make_client(settings)
     await client.connect()
     try:
+        await authenticate(client, settings)
         storage = Storage(client, settings.prefix, timeout=max(settings.timeout, 5.0))
         func: Command = args.func
         await func(storage, args)
@@ -737,7 +850,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         asyncio.run(_run(args))
-    except (CLIError, ConfigError) as exc:
+    except CLIError as exc:
+        print(f"ckecli: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
         print(f"ckecli: {exc}", file=sys.stderr)
         return 1
     except EtcdError as exc:

@@ -1,8 +1,9 @@
 """Connection settings for etcd, as cybozu-go/etcdutil reads them, and the client factory.
 
 The same YAML keys serve ``cke --config``, ``ckecli --config`` and sabakan's etcd flags:
-``endpoints``, ``prefix``, ``timeout``, ``username``, ``password``, ``tls-ca``,
-``tls-cert``, ``tls-key``.
+``endpoints``, ``prefix``, ``timeout``, ``username``, ``password``, ``tls-ca-file``,
+``tls-cert-file``, ``tls-key-file`` (paths) and ``tls-ca``, ``tls-cert``, ``tls-key``
+(the PEM text itself). As in etcdutil, a ``-file`` key wins over its PEM-text twin.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from etcd3aio import Etcd3Client
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cke.common.durations import parse_duration
 from cke.common.yamlfile import YAMLFileError, load_yaml
@@ -38,9 +47,35 @@ class EtcdSettings(BaseModel):
     timeout: float = 2.0
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
-    tls_ca: str | None = Field(default=None, alias="tls-ca")
-    tls_cert: str | None = Field(default=None, alias="tls-cert")
-    tls_key: str | None = Field(default=None, alias="tls-key")
+    tls_ca_file: str | None = Field(default=None, alias="tls-ca-file")
+    tls_cert_file: str | None = Field(default=None, alias="tls-cert-file")
+    tls_key_file: str | None = Field(default=None, alias="tls-key-file")
+    tls_ca: str | None = Field(default=None, alias="tls-ca", repr=False)
+    tls_cert: str | None = Field(default=None, alias="tls-cert", repr=False)
+    tls_key: str | None = Field(default=None, alias="tls-key", repr=False)
+
+    @field_validator("tls_ca", "tls_cert", "tls_key")
+    @classmethod
+    def _pem_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # etcdutil's tls-ca/tls-cert/tls-key hold the PEM text; older configs of this
+        # project put a path there. Say so instead of failing later on a bad certificate.
+        if value is not None and not value.lstrip().startswith("-----BEGIN"):
+            key = (info.field_name or "").replace("_", "-")
+            raise ValueError(
+                f"holds PEM text (-----BEGIN ...); for a file path use {key}-file instead"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _client_pair(self) -> EtcdSettings:
+        has_cert = bool(self.tls_cert_file or self.tls_cert)
+        has_key = bool(self.tls_key_file or self.tls_key)
+        if has_cert != has_key:
+            raise ValueError(
+                "a client certificate needs its key: give tls-cert-file with tls-key-file "
+                "(or tls-cert with tls-key)"
+            )
+        return self
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -67,7 +102,22 @@ class EtcdSettings(BaseModel):
 
     @property
     def uses_tls(self) -> bool:
-        return self.tls_ca is not None or any(e.startswith("https://") for e in self.endpoints)
+        return (
+            self.tls_ca_file is not None
+            or self.tls_ca is not None
+            or any(e.startswith("https://") for e in self.endpoints)
+        )
+
+    def ca_pem(self) -> bytes | None:
+        """The CA bundle: from ``tls-ca-file`` if given, else ``tls-ca``'s text."""
+        return _pem(self.tls_ca_file, self.tls_ca, "tls-ca-file")
+
+    def client_pem(self) -> tuple[bytes | None, bytes | None]:
+        """(certificate, key), each from its ``-file`` key if given, else its PEM text."""
+        return (
+            _pem(self.tls_cert_file, self.tls_cert, "tls-cert-file"),
+            _pem(self.tls_key_file, self.tls_key, "tls-key-file"),
+        )
 
 
 def load_etcd_settings(path: str | Path) -> EtcdSettings:
@@ -98,8 +148,24 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def _read(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+def _pem(path: str | None, text: str | None, key: str) -> bytes | None:
+    if path:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{key}: {path}: {exc.strerror}") from None
+    return text.encode() if text else None
+
+
+async def authenticate(client: Etcd3Client, settings: EtcdSettings) -> None:
+    """Log ``client`` (connected) in with ``username``/``password``, when given."""
+    if not settings.username:
+        return
+    assert client.auth is not None
+    resp = await client.auth.authenticate(
+        settings.username, settings.password or "", timeout=settings.timeout
+    )
+    client.set_token(resp.token)
 
 
 def make_client(settings: EtcdSettings) -> Etcd3Client:
@@ -112,12 +178,14 @@ def make_client(settings: EtcdSettings) -> Etcd3Client:
     endpoints = [f"{h}:{p}" for h, p in targets]
     if not settings.uses_tls:
         return Etcd3Client(endpoints)
-    if settings.tls_ca is None:
-        raise ConfigError("tls-ca: required for https endpoints")
+    ca = settings.ca_pem()
+    if ca is None:
+        raise ConfigError("tls-ca-file (or tls-ca): required for https endpoints")
+    cert, key = settings.client_pem()
     return Etcd3Client(
         endpoints,
         tls_server_name=tls_server_name,
-        ca_cert=_read(settings.tls_ca),
-        cert_key=_read(settings.tls_key),
-        cert_chain=_read(settings.tls_cert),
+        ca_cert=ca,
+        cert_key=key,
+        cert_chain=cert,
     )

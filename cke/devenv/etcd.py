@@ -76,9 +76,9 @@ class EtcdCluster:
             {
                 "endpoints": self.endpoints,
                 "prefix": prefix,
-                "tls-ca": str(self.ca.ca_path) if self.tls else None,
-                "tls-cert": str(self.root_client.cert) if self.root_client else None,
-                "tls-key": str(self.root_client.key) if self.root_client else None,
+                "tls-ca-file": str(self.ca.ca_path) if self.tls else None,
+                "tls-cert-file": str(self.root_client.cert) if self.root_client else None,
+                "tls-key-file": str(self.root_client.key) if self.root_client else None,
             }
         )
 

@@ -253,8 +253,9 @@ async def test_ckecli_cluster_and_constraints_round_trip(etcd3: TestBed, tmp_pat
         doc = json.loads(shown.stdout)
         assert doc["maximum-repair-queue-entries"] == 5
         assert doc["control-plane-count"] == 1
+        # No cke has run on this prefix: no status, exit status 4 (as upstream).
         status = await ckecli(d.config, "status", "-o", "yaml")
-        assert status.returncode == 0 and "phase:" in status.stdout
+        assert status.returncode == 4 and "no status" in status.stderr
         no_leader = await ckecli(d.config, "leader")
         assert no_leader.returncode == 1 and "no leader" in no_leader.stderr
 
@@ -336,3 +337,13 @@ async def test_ckecli_hostile_inputs_give_one_line_errors_and_change_nothing(
         got = await ckecli(d.config, "cluster", "get")
         assert got.returncode == 1 and "not UTF-8" in got.stderr
         assert len(got.stderr.strip().splitlines()) == 1 and "Traceback" not in got.stderr
+
+
+async def test_ckecli_status_exits_0_once_cke_wrote_a_status(etcd3: TestBed) -> None:
+    """Issue 18: exit status 4 is only for "no status"; a running cke's status is 0."""
+    async with Deployment(etcd3) as d:
+        await d.start()
+        leader = (await d.wait_status())["leader"]
+        result = await ckecli(d.config, "status", "-o", "json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["leader"] == leader

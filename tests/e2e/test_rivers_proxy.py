@@ -480,6 +480,43 @@ async def test_shutdown_timeout_closes_lingering_connections(tmp_path: Path) -> 
         upstream.kill()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_shutdown_timeout_zero_waits_for_open_connections(
+    tmp_path: Path, workers: str
+) -> None:
+    # Upstream rivers: --shutdown-timeout 0 disables the timeout; shutdown then waits
+    # for every open connection, however long it stays open.
+    upstream = await Upstream(echo).start()
+    try:
+        async with running(
+            Rivers(
+                [upstream.address], "--workers", workers, "--shutdown-timeout", "0", tmp=tmp_path
+            )
+        ) as rivers:
+            if workers != "1":
+                await workers_up(rivers, int(workers))
+            conns = [await asyncio.open_connection(LOOPBACK, rivers.port) for _ in range(4)]
+            for reader, writer in conns:
+                writer.write(b"hi")
+                assert await reader.readexactly(2) == b"hi"
+            os.kill(rivers.pid, signal.SIGTERM)
+            assert rivers.proc is not None
+            # Well past the default 10s would be slow; 2s is past "close at once" and
+            # past any small timeout (the proxy used to close everything at once).
+            await asyncio.sleep(2)
+            assert rivers.proc.returncode is None
+            for reader, writer in conns:
+                writer.write(b"still")
+                assert await asyncio.wait_for(reader.readexactly(5), 5) == b"still"
+            for _, writer in conns:
+                writer.close()
+            assert await asyncio.wait_for(rivers.proc.wait(), 15) == 0
+            assert "shutdown timeout" not in rivers.log()
+            assert re.search(r"shutting down .*timeout=none", rivers.log())
+    finally:
+        upstream.kill()
+
+
 async def test_idle_connections_memory(tmp_path: Path) -> None:
     upstream = await Upstream(echo).start()
     clients: list[asyncio.StreamWriter] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import ipaddress
 import json
@@ -248,10 +249,63 @@ async def test_ssh_keys_and_encryption_key(deployed: VaultDeployment) -> None:
     )
     assert set(stored["data"]) == {"", "10.0.0.9"}
     assert stored["data"][""] == key.read_text()
+    # enckey rotates, as upstream: a new key first, the current one kept, older ones dropped.
     code, out, _ = await deployed.ckecli("vault", "enckey")
-    assert code == 0 and "created" in out
+    assert code == 0 and out.strip() == "succeeded"
+    first = await _aescbc_keys(deployed)
+    assert len(first) == 1
     code, out, _ = await deployed.ckecli("vault", "enckey")
-    assert code == 0 and "exists already" in out
+    assert code == 0 and out.strip() == "succeeded"
+    second = await _aescbc_keys(deployed)
+    assert len(second) == 2 and second[1] == first[0] and second[0] != first[0]
+    code, _, _ = await deployed.ckecli("vault", "enckey")
+    third = await _aescbc_keys(deployed)
+    assert len(third) == 2 and third[1] == second[0] and first[0] not in third
+
+
+async def _aescbc_keys(deployed: VaultDeployment) -> list[dict[str, str]]:
+    """The keys of upstream's ``aescbc`` value (a Kubernetes AESConfiguration as JSON)."""
+    stored = await asyncio.to_thread(
+        lambda: deployed.vault.client().secrets.kv.v1.read_secret("k8s", mount_point="cke/secrets")
+    )
+    keys: list[dict[str, str]] = json.loads(stored["data"]["aescbc"])["keys"]
+    for key in keys:
+        assert set(key) == {"name", "secret"}
+        assert len(base64.b64decode(key["secret"])) == 32
+        dt.datetime.strptime(key["name"], "%Y-%m-%dT%H:%M:%SZ")  # RFC 3339, UTC
+    return keys
+
+
+async def test_vault_init_takes_upstream_endpoint_and_cacert_flags(vault_bed: TestBed) -> None:
+    """``vault init --endpoint URL --cacert FILE``, with VAULT_ADDR and VAULT_CACERT unset."""
+    d = VaultDeployment(vault_bed)
+    env = {"VAULT_TOKEN": d.vault.root_token, "VAULT_ADDR": "", "VAULT_CACERT": ""}
+    missing = await ckecli(d.config, "vault", "init", env=env)
+    assert missing.returncode == 1 and "--endpoint" in missing.stderr
+    result = await ckecli(
+        d.config,
+        "vault",
+        "init",
+        "--endpoint",
+        d.vault.address,
+        "--cacert",
+        d.vault.ca_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    stored = await d.stored_vault_config()
+    assert stored.endpoint == d.vault.address
+    assert stored.ca_cert == Path(d.vault.ca_path).read_text()
+    # The flag wins over the environment.
+    again = await ckecli(
+        d.config,
+        "vault",
+        "init",
+        "--endpoint",
+        d.vault.address,
+        env={**d.vault.admin_env(), "VAULT_ADDR": "https://127.0.0.1:9"},
+    )
+    assert again.returncode == 0, again.stderr
 
 
 async def test_token_is_renewed_and_login_repeated(deployed: VaultDeployment) -> None:

@@ -212,13 +212,13 @@ def test_good_clusters(doc: dict[str, Any]) -> None:
 
 BAD: list[tuple[str, Any, str]] = [
     ("unknown top field", _doc(bogus=1), "bogus: Extra inputs are not permitted"),
-    ("CKE field not supported", _doc(dns_service="a/b"), "dns_service: Extra inputs"),
+    ("unknown top field near a CKE one", _doc(dns_services="a/b"), "dns_services: Extra inputs"),
     ("unknown node field", _with_node(roles=["x"]), "nodes[2].roles: Extra inputs"),
     ("unknown component", _doc(options={"kube-dns": {}}), "options.kube-dns: Extra inputs"),
     (
         "unknown component field",
-        _doc(options={"etcd": {"volume_name": "x"}}),
-        "options.etcd.volume_name: Extra inputs",
+        _doc(options={"etcd": {"volume": "x"}}),
+        "options.etcd.volume: Extra inputs",
     ),
     (
         "unknown mount field",
@@ -916,6 +916,10 @@ _KEYS = st.sampled_from(
         *["taints", "options", "etcd", "extra_args", "extra_env", "extra_binds", "binaries"],
         *["runtime", "service_subnet", "dns_servers", "control_plane", "key", "effect"],
         "source",
+        # Upstream's fields (issue 18).
+        *["reboot", "repair", "sabakan", "dns_service", "kubelet", "kube-api", "kube-proxy"],
+        *["config", "boot_taints", "cni_conf_file", "content", "audit_log_policy"],
+        *["propagation", "selinux_label", "matchExpressions", "operator", "values"],
     ]
 ) | st.text(max_size=8)
 _DOCS = st.recursive(

@@ -82,11 +82,11 @@ def test_etcd_settings_from_file(tmp_path: Path) -> None:
     path = tmp_path / "config.yml"
     path.write_text(
         "endpoints: [https://10.0.0.1:2379]\nprefix: /x\ntimeout: 3s\n"
-        "tls-ca: /ca.crt\ntls-cert: /c.crt\ntls-key: /c.key\n"
+        "tls-ca-file: /ca.crt\ntls-cert-file: /c.crt\ntls-key-file: /c.key\n"
     )
     settings = load_etcd_settings(path)
     assert settings.prefix == "/x/" and settings.timeout == 3.0
-    assert settings.tls_key == "/c.key" and settings.uses_tls
+    assert settings.tls_key_file == "/c.key" and settings.uses_tls
 
 
 @pytest.mark.parametrize(

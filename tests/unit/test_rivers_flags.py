@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from rivers.main import FlagError, parse_args, parse_host_port, parse_upstreams
+from rivers.main import FlagError, build_parser, parse_args, parse_host_port, parse_upstreams
 from rivers.proxy import (
     FD_RESERVE,
     HostPort,
@@ -63,6 +63,15 @@ def test_go_durations_and_lists() -> None:
     assert options.proxy.dial_keep_alive == 0
     assert options.proxy.shutdown_timeout == 90
     assert options.metrics == HostPort("127.0.0.1", 9090)
+
+
+@pytest.mark.parametrize("text", ["0", "0s"])
+def test_shutdown_timeout_zero_means_no_limit(text: str) -> None:
+    # Upstream rivers: "Timeout for server shutting-down gracefully (disabled if
+    # specified "0")"; 0 is accepted and kept as 0 (= wait for every connection).
+    args = ["--listen", "127.0.0.1:1", "--upstreams", "127.0.0.1:2", "--shutdown-timeout", text]
+    assert parse_args(args).proxy.shutdown_timeout == 0
+    assert "0: no limit" in build_parser().format_help()
 
 
 @pytest.mark.parametrize(

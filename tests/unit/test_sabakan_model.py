@@ -20,11 +20,13 @@ from sabakan.model import (
     TransitionError,
     check_transition,
     parse_label_pairs,
+    parse_label_value,
     parse_labels,
     parse_machines,
     parse_retire_date,
     parse_state,
     parse_state_body,
+    rfc3339,
     shown,
 )
 
@@ -120,6 +122,52 @@ def test_retire_date_body() -> None:
     for bad in (b"2030-01-02", b'"2030-01-02T03:04:05"', b"12", b'"tomorrow"'):
         with pytest.raises(InputError, match=r"^retire-date:"):
             parse_retire_date(bad)
+
+
+@pytest.mark.parametrize(
+    ("body", "want"),
+    [
+        # upstream's form: the raw RFC 3339 body (docs/api.md's curl example)
+        (b"2018-11-21T01:23:45Z", "2018-11-21T01:23:45Z"),
+        (b"2018-11-21T01:23:45Z\n", "2018-11-21T01:23:45Z"),  # white space trimmed
+        (b"2018-11-21t01:23:45z", "2018-11-21T01:23:45Z"),
+        (b"2018-11-21T10:23:45+09:00", "2018-11-21T01:23:45Z"),
+        (b"2018-11-21T01:23:45.123456789Z", "2018-11-21T01:23:45.123456Z"),  # RFC3339Nano
+        # this API's older form: a JSON string
+        (b' "2018-11-21T01:23:45Z" ', "2018-11-21T01:23:45Z"),
+    ],
+)
+def test_retire_date_raw_and_json(body: bytes, want: str) -> None:
+    assert rfc3339(parse_retire_date(body)) == want
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"2018-11-21",
+        b"2018-11-21T01:23:45",
+        b"2018-11-21 01:23:45Z",
+        b"2018-13-01T00:00:00Z",
+        b'"2018-11-21T01:23:45Z',
+        b'["2018-11-21T01:23:45Z"]',
+        b"\xff",
+        b"9" * 100_000,
+    ],
+)
+def test_retire_date_bad(body: bytes) -> None:
+    with pytest.raises(InputError, match=r"^retire-date: ") as err:
+        parse_retire_date(body)
+    assert len(str(err.value)) < 300
+
+
+def test_one_label_raw_value() -> None:
+    assert parse_label_value("os-release", b"1855.4.0") == {"os-release": "1855.4.0"}
+    assert parse_label_value("empty", b"") == {"empty": ""}
+    assert parse_label_value("example.com/x", b"v") == {"example.com/x": "v"}
+    for key, body in [("-bad", b"v"), ("k", b"a\nb"), ("k", b"\xff"), ("k", b"v" * 257)]:
+        with pytest.raises(InputError, match=r"^labels: "):
+            parse_label_value(key, body)
 
 
 def test_label_pairs() -> None:
