@@ -140,10 +140,13 @@ def machine_from_api(doc: Any) -> Machine:
     """One machine of ``GET /api/v1/machines`` (sabakan's API form) as the model."""
     if not isinstance(doc, dict):
         raise ValueError("not an object")
-    spec = dict(doc.get("spec") or {})
+    spec, status = doc.get("spec"), doc.get("status")
+    if not isinstance(spec, dict) or not isinstance(status, dict):
+        raise ValueError("want spec and status objects")
+    spec = dict(spec)
     if spec.get("retire-date") == "":
         spec["retire-date"] = None
-    status = {k: v for k, v in (doc.get("status") or {}).items() if k != "duration"}
+    status = {k: v for k, v in status.items() if k != "duration"}
     return Machine.model_validate({"spec": spec, "status": status})
 
 

@@ -198,6 +198,8 @@ def test_machines_from_sabakans_api_form() -> None:
         (b"<html>", "not JSON"),
         (b'{"a": 1}', "not a list"),
         (b"[1]", "machine [0]: not an object"),
+        (b'[{"spec": true, "status": {}}]', "machine [0]: want spec and status objects"),
+        (b'[{"spec": {}, "status": []}]', "machine [0]: want spec and status objects"),
         (b'[{"spec": {"serial": "x"}, "status": {}}]', "machine [0]:"),
     ],
 )
@@ -206,11 +208,20 @@ def test_garbage_from_sabakan_is_refused_whole(body: bytes, problem: str) -> Non
         machines_from_answer(body)
 
 
-@settings(max_examples=300, deadline=None)
+# Keys of sabakan's machine documents, so that the examples reach the model's checks.
+_API_KEYS = st.sampled_from(
+    ["spec", "status", "serial", "state", "timestamp", "duration", "retire-date", "ipv4"]
+)
+
+
+@settings(max_examples=1000, deadline=None)
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+        lambda c: (
+            st.lists(c, max_size=4)
+            | st.dictionaries(_API_KEYS | st.text(max_size=8), c, max_size=4)
+        ),
         max_leaves=20,
     )
 )
