@@ -190,5 +190,27 @@ class Deployment:
 
         return KillDuring(leader_name, asyncio.create_task(watch()))
 
+    async def members(self, addresses: list[str]) -> list[tuple[str, bool]]:
+        """(peer URL, is learner) of every member of the managed etcd, sorted."""
+        client = await self.root_client(addresses)
+        try:
+            assert client.cluster is not None
+            resp = await client.cluster.member_list(timeout=5)
+            return sorted((m.peerURLs[0], bool(m.isLearner)) for m in resp.members)
+        finally:
+            await client.close()
+
+    async def count_keys(self, addresses: list[str], prefix: str) -> int:
+        """How many keys of the managed etcd start with ``prefix``."""
+        client = await self.root_client(addresses)
+        try:
+            assert client.kv is not None
+            resp = await client.kv.get(
+                prefix, range_end=prefix_range_end(prefix.encode()), count_only=True, timeout=10
+            )
+            return int(resp.count)
+        finally:
+            await client.close()
+
     def root_cert_files(self) -> Path:
         return self.dir

