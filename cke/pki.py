@@ -14,6 +14,7 @@ from typing import Any
 import hvac
 import hvac.exceptions
 
+from cke.common.durations import parse_duration
 from cke.vault import Vault
 
 ROOT_TTL = "876000h"  # 100 years: the roots are replaced by hand, never by expiry
@@ -21,6 +22,10 @@ DEFAULT_CERT_TTL = "8760h"
 SYSTEM_MAX_TTL = "87600h"  # the cap of roles cke issues with (its --cert-ttl)
 ROOT_CLIENT_TTL = "2h"
 USER_CLIENT_TTL = "8760h"  # ``ckecli etcd issue``'s default and its role's cap
+# Expired certificates are kept this long before tidy removes them, at most: cke makes
+# it as short as its longest leaf lifetime (at least a minute), so that short
+# lifetimes do not pile up thousands of expired certificates in Vault.
+TIDY_SAFETY_BUFFER = "72h"
 KEY_TYPE = "ec"
 KEY_BITS = 256
 SECRETS_MOUNT = "cke/secrets"
@@ -142,18 +147,49 @@ CAS: tuple[CASpec, ...] = (
     ),
 )
 CA_BY_NAME = {ca.name: ca for ca in CAS}
+# The CAs whose mounts the cke token may add root issuers to and switch the default
+# issuer of (CA rotation, ``cke.pkiissuers``).
+ROTATABLE_CAS = ("server", "etcd-peer", "etcd-client")
 
 
 def _hcl_list(values: tuple[str, ...] | list[str]) -> str:
     return "[" + ", ".join(f'"{v}"' for v in values) + "]"
 
 
+def issuer_policy(mount: str) -> str:
+    """What ``cke.pkiissuers`` needs on ``mount``: add a root issuer, read and set the default.
+
+    Listing issuers and reading their certificates (``issuers``, ``issuer/<id>/json``)
+    are unauthenticated in OpenBao's PKI, so they need no grant. A new root must be
+    named, internal (``exported`` would hand out its key) and of cke's key type;
+    ``key_bits`` is matched as the string ``"256"`` (ACL parameter values compare by
+    type), so that is what ``ensure_issuer`` sends. ``config/issuers`` may only set the
+    default issuer, not ``default_follows_latest_issuer``.
+    """
+    return (
+        f'path "{mount}/root/generate/internal" {{\n'
+        '  capabilities = ["update"]\n'
+        '  required_parameters = ["issuer_name"]\n'
+        "  allowed_parameters = {\n"
+        '    "issuer_name" = []\n'
+        '    "common_name" = []\n'
+        '    "ttl" = []\n'
+        f'    "key_type" = ["{KEY_TYPE}"]\n'
+        f'    "key_bits" = ["{KEY_BITS}"]\n'
+        "  }\n}\n"
+        f'path "{mount}/config/issuers" {{\n'
+        '  capabilities = ["read", "update"]\n'
+        '  allowed_parameters = {\n    "default" = []\n  }\n}\n'
+    )
+
+
 def cke_policy() -> str:
     """The ``cke`` policy: exactly what cke and ckecli do with the AppRole token.
 
     Issue with each role ``vault init`` creates (never ``sign``, which takes the CN
-    from a CSR), tidy each PKI mount, and read/write the two secrets. Token
-    lookup and renewal come from Vault's ``default`` policy.
+    from a CSR), tidy each PKI mount, rotate the CAs in ``ROTATABLE_CAS``
+    (``issuer_policy``), and read/write the two secrets. Token lookup and renewal
+    come from Vault's ``default`` policy.
     """
     blocks = []
     for ca in CAS:
@@ -168,6 +204,8 @@ def cke_policy() -> str:
                 f'path "{ca.mount}/issue/{role.name}" {{\n  capabilities = ["update"]{denied}\n}}\n'
             )
         blocks.append(f'path "{ca.mount}/tidy" {{\n  capabilities = ["update"]\n}}\n')
+        if ca.name in ROTATABLE_CAS:
+            blocks.append(issuer_policy(ca.mount))
     for secret in SECRET_PATHS:
         blocks.append(
             f'path "{SECRETS_MOUNT}/{secret}" {{\n'
@@ -193,6 +231,11 @@ class IssuedCert:
             "certificate": self.certificate,
             "private_key": self.private_key,
         }
+
+
+def _shorter(a: str, b: str) -> str:
+    """The shorter of two durations (Vault's syntax)."""
+    return a if parse_duration(a) <= parse_duration(b) else b
 
 
 def service_ip(service_subnet: str) -> str:
@@ -259,7 +302,9 @@ class CertIssuer:
     async def etcd_client(self, user: str, ttl: str | None = None) -> IssuedCert:
         """A client certificate whose CN is the etcd user (``root``, ``cke``, ...)."""
         if user == "root":
-            return await self._issue("cke/ca-etcd-client", "admin", "root", ROOT_CLIENT_TTL)
+            # The admin role caps root certificates at ROOT_CLIENT_TTL.
+            ttl = ROOT_CLIENT_TTL if ttl is None else _shorter(ttl, ROOT_CLIENT_TTL)
+            return await self._issue("cke/ca-etcd-client", "admin", "root", ttl)
         if user in SYSTEM_ETCD_USERS:
             return await self._issue(
                 "cke/ca-etcd-client", "system", user, ttl or self.ttls["client"]
@@ -314,8 +359,9 @@ class CertIssuer:
     async def kube_admin(self, ttl: str = "2h") -> IssuedCert:
         return await self._issue("cke/ca-kubernetes", "admin", "admin", ttl)
 
-    async def tidy(self) -> list[str]:
-        """Tidy expired and revoked certificates in every PKI mount (CKE does it hourly)."""
+    async def tidy(self, safety_buffer: str = TIDY_SAFETY_BUFFER) -> list[str]:
+        """Tidy certificates that expired more than ``safety_buffer`` ago, in every PKI
+        mount (CKE does it hourly)."""
         tidied = []
         for ca in CAS:
 
@@ -324,7 +370,7 @@ class CertIssuer:
                     extra_params={
                         "tidy_cert_store": True,
                         "tidy_revoked_certs": True,
-                        "safety_buffer": "72h",
+                        "safety_buffer": safety_buffer,
                     },
                     mount_point=mount,
                 )

@@ -8,6 +8,7 @@ All keys live under the configured prefix (default ``/cke/``), as in CKE's
 ``constraints``            the constraints (JSON)
 ``vault``                  Vault connection: endpoint, role-id, secret-id, ca-cert
 ``ca/<name>``              CA certificates (PEM)
+``ca-rotation/<name>``     a CA rotation in progress (JSON; cke/server/carotation.py)
 ``records``                the next operation record id (decimal)
 ``records/<016x id>``      operation records (JSON)
 ``leader/<lease hex>``     election candidates; the oldest is the leader
@@ -44,6 +45,7 @@ KEY_CLUSTER = "cluster"
 KEY_CONSTRAINTS = "constraints"
 KEY_VAULT = "vault"
 KEY_CA_PREFIX = "ca/"
+KEY_CA_ROTATION_PREFIX = "ca-rotation/"
 KEY_RECORDS = "records"
 KEY_RECORDS_PREFIX = "records/"
 KEY_LEADER_PREFIX = "leader/"
@@ -100,6 +102,10 @@ class Status:
     etcd_members: list[str] = field(default_factory=list)  # voters' addresses, for rule 5
     cluster_revision: int = 0  # mod revision of the cluster configuration decided on
     sabakan: dict[str, Any] = field(default_factory=dict)  # the last generation, if enabled
+    # Per node, the certificate that expires first: {address: {certificate, serial, not-after}}.
+    certificates: dict[str, Any] = field(default_factory=dict)
+    # CA rotations in progress: {name: {stage, waiting-for}}.
+    ca_rotations: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -113,6 +119,8 @@ class Status:
                 "etcd-members": self.etcd_members,
                 "cluster-revision": self.cluster_revision,
                 "sabakan": self.sabakan,
+                "certificates": self.certificates,
+                "ca-rotations": self.ca_rotations,
             }
         )
 
@@ -129,6 +137,8 @@ class Status:
             etcd_members=list(doc.get("etcd-members", [])),
             cluster_revision=int(doc.get("cluster-revision", 0)),
             sabakan=dict(doc.get("sabakan") or {}),
+            certificates=dict(doc.get("certificates") or {}),
+            ca_rotations=dict(doc.get("ca-rotations") or {}),
         )
 
 
@@ -293,6 +303,50 @@ class Storage:
     async def get_ca(self, name: str) -> str | None:
         got = await self.get(KEY_CA_PREFIX + name)
         return got.value.decode() if got.value is not None else None
+
+    async def get_ca_rotations(self) -> dict[str, Versioned]:
+        """Every CA rotation in progress, by CA name."""
+        resp = await self._prefix_range(KEY_CA_ROTATION_PREFIX, SortOrder.ASCEND, SortTarget.KEY)
+        start = len(self.key(KEY_CA_ROTATION_PREFIX))
+        return {
+            kv.key[start:].decode(errors="replace"): Versioned(kv.value, kv.mod_revision)
+            for kv in resp.kvs
+        }
+
+    async def request_ca_rotation(self, name: str, value: str) -> bool:
+        """ckecli's request: write ``ca-rotation/<name>`` unless a rotation exists (False)."""
+        key = self.key(KEY_CA_ROTATION_PREFIX + name)
+        resp = await self.kv.txn(
+            compare=[
+                Compare(result=Compare.EQUAL, target=Compare.CREATE, key=key, create_revision=0)
+            ],
+            success=[self.kv.txn_op_put(key, value)],
+            timeout=self.timeout,
+        )
+        return bool(resp.succeeded)
+
+    async def fenced_update_ca_rotation(
+        self, leader: LeaderKey, name: str, value: str, mod_revision: int
+    ) -> bool:
+        """As the leader, move a rotation to its next stage (False: it changed meanwhile)."""
+        key = self.key(KEY_CA_ROTATION_PREFIX + name)
+        return await self.fenced(
+            leader, [self.kv.txn_op_put(key, value)], [self._mod_revision_is(key, mod_revision)]
+        )
+
+    async def fenced_finish_ca_rotation(
+        self, leader: LeaderKey, name: str, ca_pem: str, mod_revision: int
+    ) -> bool:
+        """As the leader, store the new CA and end its rotation, in one transaction."""
+        key = self.key(KEY_CA_ROTATION_PREFIX + name)
+        return await self.fenced(
+            leader,
+            [
+                self.kv.txn_op_put(self.key(KEY_CA_PREFIX + name), ca_pem),
+                self.kv.txn_op_delete(key),
+            ],
+            [self._mod_revision_is(key, mod_revision)],
+        )
 
     async def put_many(self, values: dict[str, str]) -> None:
         """Write several keys in one transaction (all or none)."""

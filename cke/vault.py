@@ -321,7 +321,9 @@ class VaultSession:
                 vault.close()
                 self._ready.clear()
                 self._set_state(f"unavailable: {exc}")
-                await asyncio.sleep(min(backoff, self.check_interval * 6))
+                # At most one check interval: certificates may be due, so a Vault
+                # that is back must be used again soon.
+                await asyncio.sleep(min(backoff, self.check_interval))
                 backoff = min(backoff * 2, 30.0)
                 continue
             except BaseException:

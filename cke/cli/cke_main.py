@@ -28,6 +28,17 @@ class FlagError(Exception):
     pass
 
 
+# A week: every cluster renews each certificate every ~4.7 days, so renewal is a path
+# that runs all the time, not once a year; the last third (2.3 days) tolerates a long
+# Vault outage before anything expires.
+DEFAULT_LEAF_TTL = "168h"
+CERT_TTL_FLAGS = {
+    "server": "etcd members' server certificates",
+    "peer": "etcd members' peer certificates",
+    "client": "cke's own etcd client certificate (at most 2h: Vault's admin role cap)",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise FlagError(message)
@@ -46,8 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=socket.gethostname(), help="this replica's name")
     p.add_argument(
         "--cert-ttl",
-        default="8760h",
-        help="TTL of the certificates cke issues for components (not CKE's flag)",
+        default=DEFAULT_LEAF_TTL,
+        help="lifetime of the certificates cke issues, unless set per kind below (not CKE's)",
+    )
+    for kind, what in CERT_TTL_FLAGS.items():
+        p.add_argument(
+            f"--{kind}-cert-ttl", default=None, help=f"lifetime of {what} (default: --cert-ttl)"
+        )
+    p.add_argument(
+        "--ca-rotation-grace",
+        default="10m",
+        help="time clients outside cke get to fetch a rotated CA or new client certificates",
+    )
+    p.add_argument(
+        "--cert-renew-fraction",
+        type=float,
+        default=1 / 3,
+        help="renew a certificate when this fraction of its lifetime is left (0 < f < 1)",
     )
     p.add_argument("--loglevel", default="info")
     p.add_argument("--logformat", default="plain")
@@ -55,12 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _duration(args: argparse.Namespace, flag: str) -> float:
-    text = getattr(args, flag.lstrip("-").replace("-", "_"))
+def parse_duration_or_flag_error(text: str, flag: str) -> float:
     try:
-        seconds = parse_duration(text)
+        return parse_duration(text)
     except ValueError as exc:
         raise FlagError(f"{flag}: {exc}") from exc
+
+
+def _duration(args: argparse.Namespace, flag: str) -> float:
+    text = getattr(args, flag.lstrip("-").replace("-", "_"))
+    seconds = parse_duration_or_flag_error(text, flag)
     if seconds <= 0:
         raise FlagError(f"{flag}: must be positive, got {text!r}")
     return seconds
@@ -78,8 +108,21 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interva
         stored = await storage.get_vault_config()
         return parse_vault_config(stored.value) if stored.value is not None else None
 
-    vault = VaultSession(vault_config)
-    infra = Infrastructure(storage, vault, args.max_concurrent_updates, args.cert_ttl)
+    vault = VaultSession(vault_config, check_interval=min(5.0, interval))
+    ttls = {
+        kind: getattr(args, f"{kind}_cert_ttl")
+        for kind in CERT_TTL_FLAGS
+        if getattr(args, f"{kind}_cert_ttl") is not None
+    }
+    infra = Infrastructure(
+        storage,
+        vault,
+        args.max_concurrent_updates,
+        args.cert_ttl,
+        ttls=ttls,
+        renew_fraction=args.cert_renew_fraction,
+        rotation_grace=parse_duration(args.ca_rotation_grace),
+    )
     server = Server(
         client,
         storage,
@@ -127,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         ttl_seconds = _duration(args, "--session-ttl")
         gc_interval = _duration(args, "--certs-gc-interval")
         _duration(args, "--cert-ttl")
+        if parse_duration_or_flag_error(args.ca_rotation_grace, "--ca-rotation-grace") < 0:
+            raise FlagError("--ca-rotation-grace: must not be negative")
+        for kind in CERT_TTL_FLAGS:
+            if getattr(args, f"{kind}_cert_ttl") is not None:
+                _duration(args, f"--{kind}-cert-ttl")
+        if not 0 < args.cert_renew_fraction < 1:
+            raise FlagError(
+                f"--cert-renew-fraction: must be between 0 and 1, got {args.cert_renew_fraction}"
+            )
         if ttl_seconds < 1:
             raise FlagError("--session-ttl: must be at least 1s")
         if args.max_concurrent_updates < 1:

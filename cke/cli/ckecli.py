@@ -39,6 +39,7 @@ from cke.common.logs import error_line
 from cke.etcdadmin import EtcdAdmin, EtcdCredentials
 from cke.pki import (
     CA_BY_NAME,
+    ROTATABLE_CAS,
     SECRETS_MOUNT,
     USER_CLIENT_TTL,
     CertIssuer,
@@ -54,6 +55,7 @@ from cke.sabakan.settings import (
     parse_variables,
     template_to_json,
 )
+from cke.server.carotation import RotationError, new_request, parse_rotation, trusted_bundle
 from cke.server.safety import check_control_plane_change
 from cke.storage import (
     KEY_CA_PREFIX,
@@ -68,6 +70,7 @@ from cke.storage import (
     Storage,
     UnreadableValue,
     Versioned,
+    now_rfc3339,
     stored_text,
 )
 from cke.vault import INSECURE_HTTP, InsecureEndpoint, Vault, VaultError, parse_vault_config
@@ -298,6 +301,17 @@ def _status_text(doc: dict[str, Any]) -> str:
         lines.append(f"sabakan: {what} (at {sabakan.get('timestamp', '?')})")
         lines += [f"  - {change}" for change in sabakan.get("changes", [])]
         lines += [f"  - held: {held}" for held in sabakan.get("held", [])]
+    certificates = doc.get("certificates") or {}
+    if certificates:
+        lines.append("certificates (the first to expire on each node):")
+        for address, cert in sorted(certificates.items()):
+            lines.append(
+                f"  - {address}: {cert.get('certificate')} expires {cert.get('not-after')}"
+                f" (serial {cert.get('serial')})"
+            )
+    for name, rotation in sorted((doc.get("ca-rotations") or {}).items()):
+        waiting = rotation.get("waiting-for") or "ready for the next step"
+        lines.append(f"ca rotation {name}: {rotation.get('stage')}; {waiting}")
     if doc["blocked"]:
         lines.append("blocked:")
         for b in doc["blocked"]:
@@ -326,6 +340,8 @@ async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
         "etcd-members": status.etcd_members if status else [],
         "cluster-revision": status.cluster_revision if status else 0,
         "sabakan": status.sabakan if status else {},
+        "certificates": status.certificates,
+        "ca-rotations": status.ca_rotations,
         "last-record": records[0].to_dict() if records else None,
         "inert": [],
     }
@@ -512,6 +528,10 @@ async def cmd_vault_enckey(storage: Storage, args: argparse.Namespace) -> None:
 async def cmd_ca_set(storage: Storage, args: argparse.Namespace) -> None:
     if args.name not in CA_BY_NAME:
         raise CLIError(f"NAME: want one of {', '.join(CA_BY_NAME)}")
+    if args.name in await storage.get_ca_rotations():
+        raise CLIError(
+            f"NAME: {args.name} is being rotated; wait until 'ckecli ca rotations' is empty"
+        )
     pem = await _read_input(args.file)
     try:
         x509.load_pem_x509_certificate(pem.encode())
@@ -520,10 +540,53 @@ async def cmd_ca_set(storage: Storage, args: argparse.Namespace) -> None:
     await storage.put_many({KEY_CA_PREFIX + args.name: pem})
 
 
+async def cmd_ca_rotate(storage: Storage, args: argparse.Namespace) -> None:
+    """Ask the leader to rotate a CA (cke/server/carotation.py does it, step by step)."""
+    if args.name not in ROTATABLE_CAS:
+        raise CLIError(
+            f"NAME: want one of {', '.join(ROTATABLE_CAS)} (nothing cke deploys uses the "
+            "kubernetes CAs yet, so there is nothing to roll out for them)"
+        )
+    if await storage.get_ca(args.name) is None:
+        raise CLIError(f"NAME: no ca/{args.name} in etcd; run 'ckecli vault init' first")
+    now = dt.datetime.now(dt.UTC)
+    request = new_request(f"cke-{now.strftime('%Y%m%dT%H%M%SZ')}", now_rfc3339(), now.timestamp())
+    if not await storage.request_ca_rotation(args.name, request.to_json()):
+        raise CLIError(f"NAME: {args.name} is being rotated already; see 'ckecli ca rotations'")
+    print(f"requested the rotation of {args.name}; follow it with 'ckecli ca rotations'")
+
+
+async def cmd_ca_rotations(storage: Storage, args: argparse.Namespace) -> None:
+    """Rotations in progress: the stage stored and what the leader says it waits for."""
+    status = await storage.get_status()
+    progress = status.ca_rotations if status is not None else {}
+    doc: dict[str, Any] = {}
+    for name, stored in sorted((await storage.get_ca_rotations()).items()):
+        stage: str
+        try:
+            stage = parse_rotation(name, stored.value).stage
+        except RotationError as exc:
+            stage = f"invalid ({exc})"
+        doc[name] = {
+            "stage": stage,
+            "waiting-for": (progress.get(name) or {}).get("waiting-for", ""),
+        }
+
+    def text(d: dict[str, Any]) -> str:
+        if not d:
+            return "no CA rotation in progress"
+        return "\n".join(
+            f"{n}: {r['stage']}; {r['waiting-for'] or 'ready for the next step'}"
+            for n, r in d.items()
+        )
+
+    _emit(doc, args.output, text)
+
+
 async def cmd_ca_get(storage: Storage, args: argparse.Namespace) -> None:
     if args.name not in CA_BY_NAME:
         raise CLIError(f"NAME: want one of {', '.join(CA_BY_NAME)}")
-    pem = await storage.get_ca(args.name)
+    pem = await trusted_bundle(storage, args.name)
     if pem is None:
         raise CLIError(f"no CA certificate stored for {args.name}")
     print(pem, end="")
@@ -543,7 +606,7 @@ def _write_cert_files(prefix: str, cert: IssuedCert) -> None:
 async def _issue_etcd(storage: Storage, user: str, ttl: str | None, output: str) -> None:
     # As CKE: the CA in the output is the one that signed the etcd servers' certificates
     # (cke/ca-server), so that etcdctl --cacert verifies the server; not the client CA.
-    server_ca = await storage.get_ca("server")
+    server_ca = await trusted_bundle(storage, "server")
     if server_ca is None:
         raise CLIError("no CA certificate ca/server; run 'ckecli vault init'")
     vault = await _vault_from_etcd(storage)
@@ -577,7 +640,7 @@ async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
     addresses = [
         n.address for n in cluster_from_json(_stored_cluster_text(current.value)).control_planes
     ]
-    server_ca = await storage.get_ca("server")
+    server_ca = await trusted_bundle(storage, "server")
     if server_ca is None:
         raise CLIError("no CA certificate ca/server; run 'ckecli vault init'")
     vault = await _vault_from_etcd(storage)
@@ -796,6 +859,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("file")
     p.set_defaults(func=cmd_ca_set)
+    p = casub.add_parser("rotate", help="replace a CA with a new one, with no downtime")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_ca_rotate)
+    p = casub.add_parser("rotations", help="CA rotations in progress and what they wait for")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_ca_rotations)
 
     etcd = sub.add_parser("etcd", help="the etcd cluster cke manages")
     esub = etcd.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)

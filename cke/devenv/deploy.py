@@ -42,7 +42,13 @@ class KillDuring:
 
 class Deployment:
     def __init__(
-        self, bed: TestBed, replicas: int = 1, interval: str = "2s", session_ttl: str = "3s"
+        self,
+        bed: TestBed,
+        replicas: int = 1,
+        interval: str = "2s",
+        session_ttl: str = "3s",
+        extra: tuple[str, ...] = (),
+        certs_gc_interval: str = "1h",
     ) -> None:
         assert bed.vault is not None, "a deployment needs the bed's OpenBao"
         self.bed = bed
@@ -51,7 +57,15 @@ class Deployment:
         self.config = write_cke_config(bed.etcd.settings(self.prefix), self.dir / "config.yml")
         self.cluster_revision = 0  # of the last cluster this deployment stored
         self.replicas = [
-            CkeReplica(f"cke{i}", self.config, self.dir, interval=interval, session_ttl=session_ttl)
+            CkeReplica(
+                f"cke{i}",
+                self.config,
+                self.dir,
+                interval=interval,
+                session_ttl=session_ttl,
+                certs_gc_interval=certs_gc_interval,
+                extra=extra,
+            )
             for i in range(replicas)
         ]
 

@@ -19,7 +19,7 @@ from cke.nodes.pool import NodePool
 from cke.nodes.runtime import NodeFile, Runtime, ServiceSpec, spec_path
 from cke.op.base import Commander, CommandInfo, OpContext, Operator
 from cke.pki import CertIssuer
-from cke.server.clusterstatus import EtcdMember
+from cke.server.clusterstatus import EtcdMember, Trust
 
 ETCD_SERVICE = "etcd"
 ETCD_DATA_DIR = "/var/lib/cke/etcd"
@@ -92,7 +92,29 @@ def tools(ctx: OpContext) -> EtcdTools:
     return found
 
 
-def etcd_service_spec(node: Node, cluster: Cluster, initial: tuple[str, ...] = ()) -> ServiceSpec:
+# The trust bundles of a member: file -> CA name. etcd reads them only when it starts
+# (measured on etcd 3.5.1, see the README), so they are part of the spec: a new bundle
+# makes the member outdated, and the decision restarts members one at a time.
+TRUST_BUNDLE_FILES = (
+    (f"{ETCD_CONF_DIR}/ca-client.crt", "etcd-client"),
+    (f"{ETCD_CONF_DIR}/ca-peer.crt", "etcd-peer"),
+)
+
+
+def trust_files(trust: Trust | None) -> tuple[NodeFile, ...]:
+    """The trust bundles ``trust`` holds, as files of the spec."""
+    if trust is None:
+        return ()
+    return tuple(
+        NodeFile(path, trust.bundles[ca].encode(), 0o644)
+        for path, ca in TRUST_BUNDLE_FILES
+        if ca in trust.bundles
+    )
+
+
+def etcd_service_spec(
+    node: Node, cluster: Cluster, initial: tuple[str, ...] = (), trust: Trust | None = None
+) -> ServiceSpec:
     """The member's spec; ``initial`` (initial-cluster flags) only matters on first start."""
     spec_args = etcd_args(node, cluster)
     return ServiceSpec(
@@ -100,13 +122,14 @@ def etcd_service_spec(node: Node, cluster: Cluster, initial: tuple[str, ...] = (
         cluster.binaries.etcd,
         spec_args.args,
         spec_args.env,
+        files=trust_files(trust),
         start_args=initial,
     )
 
 
-def desired_etcd_digest(node: Node, cluster: Cluster) -> str:
+def desired_etcd_digest(node: Node, cluster: Cluster, trust: Trust | None = None) -> str:
     """The spec digest a member on ``node`` must run with; any other is outdated."""
-    return etcd_service_spec(node, cluster).digest()
+    return etcd_service_spec(node, cluster, trust=trust).digest()
 
 
 def initial_cluster_args(members: list[tuple[str, str]], state: str, token: str) -> tuple[str, ...]:
@@ -139,28 +162,44 @@ class CertBundle:
 
 
 class IssueEtcdCerts(_Command):
-    """Get every certificate first, so that no node is touched while Vault is away."""
+    """Get every certificate first, so that no node is touched while Vault is away.
 
-    def __init__(self, nodes: list[Node], bundle: CertBundle) -> None:
-        super().__init__("issue-etcd-certificates", ",".join(n.address for n in nodes))
+    The trust bundles are part of the service spec (``StartEtcd`` writes them); only
+    when the decision had none (no CA in etcd when it decided) are the stored CAs
+    written here, as before trust bundles existed.
+    """
+
+    def __init__(
+        self, nodes: list[Node], bundle: CertBundle, trust: Trust | None = None, detail: str = ""
+    ) -> None:
+        super().__init__("issue-etcd-certificates", ",".join(n.address for n in nodes), detail)
         self.nodes = nodes
         self.bundle = bundle
+        self.trust = trust
 
     async def run(self, ctx: OpContext) -> None:
         t = tools(ctx)
         issuer = await t.issuer()
-        client_ca = await t.ca("etcd-client")
-        peer_ca = await t.ca("etcd-peer")
+        in_spec = {
+            path for path, ca in TRUST_BUNDLE_FILES if self.trust and ca in self.trust.bundles
+        }
+        extra = [
+            NodeFile(path, (await t.ca(ca)).encode(), 0o644)
+            for path, ca in TRUST_BUNDLE_FILES
+            if path not in in_spec
+        ]
         for node in self.nodes:
             server = await issuer.etcd_server(node.address, node.hostname)
             peer = await issuer.etcd_peer(node.address, node.hostname)
+            # Each certificate goes in before its key: etcd loads the pair at every new
+            # connection, and a pair that does not match is refused for that connection
+            # only; the next handshake sees both files new.
             self.bundle.files[node.address] = (
                 NodeFile(f"{ETCD_CONF_DIR}/server.crt", server.certificate.encode(), 0o644),
                 NodeFile(f"{ETCD_CONF_DIR}/server.key", server.private_key.encode(), 0o600),
                 NodeFile(f"{ETCD_CONF_DIR}/peer.crt", peer.certificate.encode(), 0o644),
                 NodeFile(f"{ETCD_CONF_DIR}/peer.key", peer.private_key.encode(), 0o600),
-                NodeFile(f"{ETCD_CONF_DIR}/ca-client.crt", client_ca.encode(), 0o644),
-                NodeFile(f"{ETCD_CONF_DIR}/ca-peer.crt", peer_ca.encode(), 0o644),
+                *extra,
             )
 
 
@@ -177,16 +216,23 @@ class WriteEtcdCerts(_Command):
 
 
 class StartEtcd(_Command):
-    def __init__(self, node: Node, cluster: Cluster, initial: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        node: Node,
+        cluster: Cluster,
+        initial: tuple[str, ...] = (),
+        trust: Trust | None = None,
+    ) -> None:
         detail = next((a for a in initial if a.startswith("--initial-cluster-state")), "")
         super().__init__("start-etcd", node.address, detail)
         self.node = node
         self.cluster = cluster
         self.initial = initial
+        self.trust = trust
 
     async def run(self, ctx: OpContext) -> None:
         t = tools(ctx)
-        spec = etcd_service_spec(self.node, self.cluster, self.initial)
+        spec = etcd_service_spec(self.node, self.cluster, self.initial, self.trust)
         await run_script_on(t.pool, self.node, t.runtime.start_script(spec))
 
 
@@ -319,16 +365,19 @@ class AddLearner(_Command):
 
 
 class StartJoiningEtcd(_Command):
-    def __init__(self, node: Node, cluster: Cluster, join: JoinState) -> None:
+    def __init__(
+        self, node: Node, cluster: Cluster, join: JoinState, trust: Trust | None = None
+    ) -> None:
         super().__init__("start-etcd", node.address, "--initial-cluster-state=existing")
         self.node = node
         self.cluster = cluster
         self.join = join
+        self.trust = trust
 
     async def run(self, ctx: OpContext) -> None:
         t = tools(ctx)
         initial = initial_cluster_args(self.join.members, "existing", self.cluster.name)
-        spec = etcd_service_spec(self.node, self.cluster, initial)
+        spec = etcd_service_spec(self.node, self.cluster, initial, self.trust)
         await run_script_on(t.pool, self.node, t.runtime.start_script(spec))
 
 
@@ -414,15 +463,15 @@ class StepOperator(Operator):
 class EtcdBootstrapOp(StepOperator):
     """Start a new cluster on every control plane at once (initial-cluster-state new)."""
 
-    def __init__(self, nodes: list[Node], cluster: Cluster) -> None:
+    def __init__(self, nodes: list[Node], cluster: Cluster, trust: Trust | None = None) -> None:
         self.nodes = nodes
         self.cluster = cluster
         bundle = CertBundle()
         addresses = [n.address for n in nodes]
         initial = initial_cluster_args([(n.name, n.address) for n in nodes], "new", cluster.name)
-        steps: list[Commander] = [IssueEtcdCerts(nodes, bundle)]
+        steps: list[Commander] = [IssueEtcdCerts(nodes, bundle, trust)]
         steps += [WriteEtcdCerts(n, bundle) for n in nodes]
-        steps += [StartEtcd(n, cluster, initial) for n in nodes]
+        steps += [StartEtcd(n, cluster, initial, trust) for n in nodes]
         steps += [WaitEtcdHealthy(addresses), SetupEtcdAuth(addresses)]
         super().__init__("etcd-bootstrap", addresses, steps)
 
@@ -430,13 +479,13 @@ class EtcdBootstrapOp(StepOperator):
 class EtcdStartOp(StepOperator):
     """Start stopped members that keep their data (certificates are written afresh)."""
 
-    def __init__(self, nodes: list[Node], cluster: Cluster) -> None:
+    def __init__(self, nodes: list[Node], cluster: Cluster, trust: Trust | None = None) -> None:
         self.nodes = nodes
         self.cluster = cluster
         bundle = CertBundle()
-        steps: list[Commander] = [IssueEtcdCerts(nodes, bundle)]
+        steps: list[Commander] = [IssueEtcdCerts(nodes, bundle, trust)]
         for n in nodes:
-            steps += [WriteEtcdCerts(n, bundle), StartEtcd(n, cluster)]
+            steps += [WriteEtcdCerts(n, bundle), StartEtcd(n, cluster, trust=trust)]
         super().__init__("etcd-start", [n.address for n in nodes], steps)
 
 
@@ -447,7 +496,13 @@ class EtcdAddMemberOp(StepOperator):
     not a member now, so its data belongs to no one (rule 4).
     """
 
-    def __init__(self, node: Node, cluster: Cluster, members: list[EtcdMember]) -> None:
+    def __init__(
+        self,
+        node: Node,
+        cluster: Cluster,
+        members: list[EtcdMember],
+        trust: Trust | None = None,
+    ) -> None:
         self.node = node
         self.cluster = cluster
         self.members = members
@@ -455,13 +510,13 @@ class EtcdAddMemberOp(StepOperator):
         join = JoinState()
         via = [m.address for m in members if m.healthy and not m.learner]
         steps: list[Commander] = [
-            IssueEtcdCerts([node], bundle),
+            IssueEtcdCerts([node], bundle, trust),
             CheckEtcdDataOwner(node, via),
             StopEtcd(node),
             DestroyEtcdData(node),
             WriteEtcdCerts(node, bundle),
             AddLearner(node, via, join),
-            StartJoiningEtcd(node, cluster, join),
+            StartJoiningEtcd(node, cluster, join, trust),
             # Until the learner answers, its node looks like one whose data was lost.
             WaitEtcdHealthy([node.address], ask=via),
         ]
@@ -522,17 +577,41 @@ class EtcdRestartOp(StepOperator):
         cluster: Cluster,
         move_leader_to: EtcdMember | None,
         leader: EtcdMember | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.node = node
         self.cluster = cluster
         self.move_leader_to = move_leader_to
         bundle = CertBundle()
-        steps: list[Commander] = [IssueEtcdCerts([node], bundle)]
+        steps: list[Commander] = [IssueEtcdCerts([node], bundle, trust)]
         if move_leader_to is not None and leader is not None:
             steps.append(MoveLeader(leader, move_leader_to))
         steps += [
             WriteEtcdCerts(node, bundle),
-            StartEtcd(node, cluster),  # the runtime restarts a service whose spec changed
+            # The runtime restarts a service whose spec (trust bundles included) changed.
+            StartEtcd(node, cluster, trust=trust),
             WaitEtcdHealthy([node.address], ask=[leader.address] if leader else []),
         ]
         super().__init__("etcd-restart", [node.address], steps)
+
+
+class EtcdRenewCertsOp(StepOperator):
+    """Renew the leaf certificates of running members in place: new files, same process.
+
+    etcd 3.5 loads its certificate and key files at every new TLS connection (client
+    and peer listeners; measured, see the README), so no member restarts and no
+    quorum rule is involved. Every certificate is issued before any file is written.
+    """
+
+    def __init__(self, nodes: list[Node], reasons: dict[str, list[str]]) -> None:
+        self.nodes = nodes
+        self.reasons = reasons
+        bundle = CertBundle()
+        detail = "; ".join(f"{a}: {', '.join(r)}" for a, r in sorted(reasons.items()))[:500]
+        steps: list[Commander] = [IssueEtcdCerts(nodes, bundle, _ALL_TRUST_IN_SPEC, detail)]
+        steps += [WriteEtcdCerts(n, bundle) for n in nodes]
+        super().__init__("etcd-renew-certificates", [n.address for n in nodes], steps)
+
+
+# The trust bundles of a running member are its spec's business; renewal writes leaves only.
+_ALL_TRUST_IN_SPEC = Trust(bundles={ca: "" for _, ca in TRUST_BUNDLE_FILES})

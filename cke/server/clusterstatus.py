@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from cke.certinfo import CertInfo
+
 # A member whose raft applied index is within this many entries of the leader's
 # counts as in sync.
 IN_SYNC_LAG = 1000
@@ -26,6 +28,11 @@ class NodeStatus:
     identity: str | None = None
     # The peer URL in the node's etcd spec record: which member the data there belongs to.
     etcd_peer_url: str | None = None
+    # The leaf certificates found on the node, by name ("server", "peer"); a name is
+    # missing when its file is absent or unreadable.
+    certs: Mapping[str, CertInfo] = field(default_factory=dict)
+    # The key ids of the CAs in each trust bundle on the node ("ca-client", "ca-peer").
+    trusted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,38 @@ class EtcdStatus:
 
 
 @dataclass(frozen=True)
+class Trust:
+    """What the nodes must trust and hold, by CA name (``server``, ``etcd-peer``, ...).
+
+    ``bundles``: the PEM trust bundle of each CA (two CAs while one is rotated);
+    ``issuers``: the key id of the issuer every leaf of that CA must come from ("" or
+    absent: any). Empty mappings (unit tests, no Vault yet) leave the trust files out of
+    the service spec and accept any issuer.
+    """
+
+    bundles: Mapping[str, str] = field(default_factory=dict)
+    issuers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PKIStatus:
+    """The clock and the certificate policy the decision uses (it reads no clock itself)."""
+
+    now: float = 0.0  # Unix time of the collection; 0: unknown, nothing is renewed
+    renew_fraction: float = 1 / 3  # renew once this fraction of the lifetime is left
+    trust: Trust = field(default_factory=Trust)
+    # CA rotations in progress: CA name -> stage (see cke/server/carotation.py).
+    rotations: Mapping[str, str] = field(default_factory=dict)
+    # When each rotation's current stage began (Unix time), and how long clients outside
+    # cke get at the stages that need them (0: no wait).
+    rotation_since: Mapping[str, float] = field(default_factory=dict)
+    rotation_grace: float = 0.0
+    # The key id of the issuer of cke's own etcd client certificate ("" unknown).
+    own_client_issuer: str = ""
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     nodes: Mapping[str, NodeStatus] = field(default_factory=dict)
     etcd: EtcdStatus = field(default_factory=EtcdStatus)
+    pki: PKIStatus = field(default_factory=PKIStatus)

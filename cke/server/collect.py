@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 
+from cke.certinfo import CertificateError, CertInfo, bundle_key_ids, parse_certificate
 from cke.cluster import Cluster, Node
 from cke.common.logs import error_line, get_logger
 from cke.etcdadmin import EtcdAdmin
@@ -11,6 +14,7 @@ from cke.nodes.pool import NodePool
 from cke.nodes.runtime import Runtime
 from cke.nodes.ssh import HostKeyMismatch, SSHError, host_key_fingerprint
 from cke.op.etcd import (
+    ETCD_CONF_DIR,
     ETCD_DATA_DIR,
     ETCD_SERVICE,
     PEER_MARK,
@@ -22,7 +26,11 @@ from cke.server.clusterstatus import ClusterStatus, EtcdStatus, NodeStatus
 log = get_logger("cke.collect")
 
 _DATA_MARK = b"cke-etcd-data="
-_MARKS = (_DATA_MARK, PEER_MARK)
+_CERT_MARK = b"cke-cert-"
+_MARKS = (_DATA_MARK, PEER_MARK, _CERT_MARK)
+# The public certificate files read on every node (never a key): leaves and trust bundles.
+LEAF_FILES = ("server", "peer")
+TRUST_FILES = ("ca-client", "ca-peer")
 STATUS_TIMEOUT = 15.0
 
 
@@ -36,7 +44,45 @@ def node_status_script(runtime: Runtime) -> bytes:
             "else echo cke-etcd-data=0; fi\n"
         ).encode()
         + recorded_peer_url_sh().encode()
+        + _cert_files_sh().encode()
     )
+
+
+def _cert_files_sh() -> str:
+    """Print ``cke-cert-<name>=<base64 of the file>`` for each certificate file present."""
+    lines = []
+    for name in (*LEAF_FILES, *TRUST_FILES):
+        path = f"{ETCD_CONF_DIR}/{name}.crt"
+        lines.append(
+            f"if [ -f {path} ]; then printf 'cke-cert-{name}='; "
+            f"head -c 65536 {path} | base64 | tr -d '\\n'; echo; fi"
+        )
+    # The echo ends the line before: the peer URL comes from sed, which keeps a missing
+    # final newline of the spec record as missing.
+    return "\necho\n" + "\n".join(lines) + "\n"
+
+
+def parse_cert_lines(
+    output: bytes, node: str = ""
+) -> tuple[dict[str, CertInfo], dict[str, tuple[str, ...]]]:
+    """The leaves and trust bundles the status script printed; unreadable ones are left
+    out (a leaf left out is renewed; a bundle left out makes the member outdated)."""
+    certs: dict[str, CertInfo] = {}
+    trusted: dict[str, tuple[str, ...]] = {}
+    for line in output.splitlines():
+        if not line.startswith(_CERT_MARK):
+            continue
+        name, _, encoded = line[len(_CERT_MARK) :].partition(b"=")
+        key = name.decode(errors="replace")
+        try:
+            pem = base64.b64decode(encoded.strip(), validate=True)
+            if key in LEAF_FILES:
+                certs[key] = parse_certificate(pem)
+            elif key in TRUST_FILES:
+                trusted[key] = bundle_key_ids(pem)
+        except (binascii.Error, CertificateError, ValueError) as exc:
+            log.warning("certificate file unreadable", node=node, file=key, error=str(exc)[:100])
+    return certs, trusted
 
 
 async def collect_node(pool: NodePool, runtime: Runtime, node: Node) -> NodeStatus:
@@ -67,6 +113,7 @@ async def collect_node(pool: NodePool, runtime: Runtime, node: Node) -> NodeStat
     except ValueError as exc:  # cut short or garbled: the state is unknown, not "stopped"
         log.warning("node status unreadable", node=node.address, error=str(exc))
         return NodeStatus(node.address, ssh_ok=False)
+    certs, trusted = parse_cert_lines(result.stdout, node.address)
     return NodeStatus(
         node.address,
         ssh_ok=True,
@@ -75,6 +122,8 @@ async def collect_node(pool: NodePool, runtime: Runtime, node: Node) -> NodeStat
         etcd_has_data=has_data,
         identity=_identity(pool, node),
         etcd_peer_url=parse_recorded_peer_url(result.stdout),
+        certs=certs,
+        trusted=trusted,
     )
 
 

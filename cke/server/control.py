@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+import dataclasses
+import datetime as dt
+import time
+from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 from etcd3aio import Etcd3Client, EtcdError
 
+from cke.certinfo import CertInfo
 from cke.cluster import (
     Cluster,
     ClusterError,
@@ -28,14 +32,17 @@ from cke.cluster import (
 from cke.common.logs import error_line, get_logger
 from cke.nodes.runtime import runtime_for
 from cke.op.base import OpContext
-from cke.pki import CertIssuer
+from cke.op.etcd import EtcdRenewCertsOp
+from cke.pki import TIDY_SAFETY_BUFFER, CertIssuer
 from cke.sabakan.integration import (
     RESULT_ERROR,
     RESULT_GENERATED,
     GenerationReport,
     Integrator,
 )
-from cke.server.clusterstatus import ClusterStatus
+from cke.server.carotation import RotationError, RotationRecord, parse_rotation, trust_of
+from cke.server.certrenewal import RULE_CERTIFICATES_RENEWED, first_expiry
+from cke.server.clusterstatus import ClusterStatus, PKIStatus, Trust
 from cke.server.collect import collect
 from cke.server.election import Election, LeadershipLost
 from cke.server.executor import run_operation
@@ -80,6 +87,55 @@ def report_host_key_mismatches(decision: Decision, status: ClusterStatus) -> Dec
 
 RULE_VALID_CONFIGURATION = "valid-configuration"
 RULE_DECISION_SUCCEEDS = "decision-succeeds"
+RULE_VAULT_AVAILABLE = "vault-available"
+# The CAs whose certificates the etcd members hold or trust.
+NODE_CAS = ("server", "etcd-peer", "etcd-client")
+
+
+def held_for_vault(decision: Decision, vault_state: str) -> Decision:
+    """Vault is away: every operation needs a certificate or a key from it, so none runs.
+    Due renewals are reported: the certificates in place keep working until they expire."""
+    if not decision.operators:
+        return decision
+    blocked = [
+        *decision.blocked,
+        Blocked(
+            RULE_VAULT_AVAILABLE,
+            f"Vault is needed for SSH keys and certificates: {vault_state}",
+        ),
+    ]
+    for op in decision.operators:
+        if isinstance(op, EtcdRenewCertsOp):
+            due = "; ".join(f"{a}: {', '.join(r)}" for a, r in sorted(op.reasons.items()))
+            blocked.append(
+                Blocked(
+                    RULE_CERTIFICATES_RENEWED,
+                    "certificates inside their renewal window cannot be renewed while Vault "
+                    f"is unavailable; the current ones keep working until they expire: {due}",
+                    tuple(sorted(op.reasons)),
+                )
+            )
+    return Decision([], Phase.ETCD_WAIT, blocked, decision.rotations)
+
+
+def certificate_summary(status: ClusterStatus) -> dict[str, Any]:
+    """Per node, the leaf that expires first (``ckecli status``)."""
+    summary: dict[str, Any] = {}
+    for address, ns in sorted(status.nodes.items()):
+        first = first_expiry(ns)
+        if first is None:
+            continue
+        name, cert = first
+        summary[address] = {
+            "certificate": name,
+            "serial": cert.serial,
+            "not-after": _rfc3339(cert.not_after),
+        }
+    return summary
+
+
+def _rfc3339(when: float) -> str:
+    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def decide_safely(
@@ -102,6 +158,9 @@ def decide_safely(
             "Check the cluster configuration and report this as a bug.",
         )
         return Decision([], Phase.DECISION_FAILED, [blocked])
+
+
+Trusted = tuple[str, ...]  # key ids of the CAs in one trust bundle
 
 
 class Stopped(Exception):
@@ -151,6 +210,9 @@ class Server:
         self.sabakan = sabakan
         self._cluster: Cluster | None = None
         self._cluster_revision = 0
+        self._last_certs: dict[
+            str, tuple[Mapping[str, CertInfo], Mapping[str, tuple[str, ...]]]
+        ] = {}
         self.stop_requested = asyncio.Event()
         self._wake = asyncio.Event()
 
@@ -207,7 +269,7 @@ class Server:
                     operator = decision.operators[0]
                     self.metrics.progressing.set(1)
                     try:
-                        ctx = self.op_context()
+                        ctx = self.op_context(leader)
                         record = await run_operation(self.storage, leader, operator, ctx)
                     except EtcdError as exc:
                         log.error("etcd error while recording an operation", error=error_line(exc))
@@ -244,11 +306,12 @@ class Server:
             await asyncio.sleep(self.certs_gc_interval)
             try:
                 vault = await self.vault.client(timeout=10)
-                mounts = await CertIssuer(vault).tidy()
+                buffer = self.infra.tidy_safety_buffer() if self.infra else TIDY_SAFETY_BUFFER
+                mounts = await CertIssuer(vault).tidy(buffer)
             except VaultError as exc:
                 log.warning("certificate tidy skipped; Vault unavailable", error=str(exc))
                 continue
-            log.info("tidied certificates", mounts=mounts)
+            log.info("tidied certificates", mounts=mounts, safety_buffer=buffer)
 
     async def cancel_unfinished_records(self, leader: LeaderKey) -> None:
         """A record left ``new`` or ``running`` belongs to a leader that died mid-way."""
@@ -274,33 +337,106 @@ class Server:
             return None, Constraints(), [blocked]
         return cluster, constraints, []
 
-    def op_context(self) -> OpContext:
-        services: dict[str, object] = {"vault": self.vault}
+    def op_context(self, leader: LeaderKey) -> OpContext:
+        services: dict[str, object] = {
+            "vault": self.vault,
+            "storage": self.storage,
+            "leader": leader,
+        }
         if self.infra is not None and self._cluster is not None:
             services["etcd-tools"] = self.infra.tools(runtime_for(self._cluster.runtime))
         return OpContext(services)
 
-    async def collect_status(self, cluster: Cluster | None) -> ClusterStatus:
+    async def load_pki(self) -> tuple[PKIStatus, list[Blocked]]:
+        """The trust the nodes must hold now (CA rotations included) and the renewal policy."""
+        blocked = []
+        rotations: dict[str, RotationRecord] = {}
+        for name, stored in (await self.storage.get_ca_rotations()).items():
+            try:
+                rotations[name] = parse_rotation(name, stored.value)
+            except RotationError as exc:
+                blocked.append(Blocked("valid-ca-rotation", f"ignored: {exc}"))
+        bundles: dict[str, str] = {}
+        issuers: dict[str, str] = {}
+        for name in NODE_CAS:
+            pem = await self.storage.get_ca(name)
+            if pem is None:
+                continue
+            trust = trust_of(pem, rotations.get(name))
+            bundles[name] = trust.bundle
+            if trust.issuer_key_id:
+                issuers[name] = trust.issuer_key_id
+        pki = PKIStatus(
+            now=time.time(),
+            renew_fraction=self.infra.renew_fraction if self.infra else 1 / 3,
+            trust=Trust(bundles, issuers),
+            rotations={name: r.stage for name, r in sorted(rotations.items())},
+            rotation_since={name: r.since for name, r in rotations.items()},
+            rotation_grace=self.infra.rotation_grace if self.infra else 0.0,
+        )
+        return pki, blocked
+
+    async def collect_status(self, cluster: Cluster | None, pki: PKIStatus) -> ClusterStatus:
         if cluster is None or self.infra is None:
-            return ClusterStatus()
-        admin = self.infra.admin if self.vault is not None and self.vault.ready else None
-        return await collect(cluster, self.infra.pool, runtime_for(cluster.runtime), admin)
+            return ClusterStatus(pki=pki)
+        self.infra.trust = pki.trust
+        admin = None
+        if self.vault is not None and (self.vault.ready or self.infra.client_certificate):
+            admin = self.infra.admin
+        status = await collect(cluster, self.infra.pool, runtime_for(cluster.runtime), admin)
+        status = self._with_last_seen_certificates(status)
+        own = self.infra.client_certificate
+        if own is not None:
+            pki = dataclasses.replace(pki, own_client_issuer=own.issuer_key_id)
+            self.metrics.set_certificate("", "etcd-client-cke", own.not_after)
+        for address, ns in status.nodes.items():
+            for name, cert in ns.certs.items():
+                self.metrics.set_certificate(address, name, cert.not_after)
+        return dataclasses.replace(status, pki=pki)
+
+    def _with_last_seen_certificates(self, status: ClusterStatus) -> ClusterStatus:
+        """Nodes that did not answer keep the certificates last seen on them, so that a
+        certificate expiring on an unreachable node is still reported."""
+        nodes = dict(status.nodes)
+        for address, ns in status.nodes.items():
+            if ns.ssh_ok:
+                self._last_certs[address] = (ns.certs, ns.trusted)
+            elif not ns.certs and address in self._last_certs:
+                certs, trusted = self._last_certs[address]
+                nodes[address] = dataclasses.replace(ns, certs=certs, trusted=trusted)
+        for address in set(self._last_certs) - set(nodes):
+            del self._last_certs[address]  # no longer in the cluster
+        return dataclasses.replace(status, nodes=nodes)
 
     async def step(self, leader: LeaderKey) -> Decision:
         cluster, constraints, config_blocked = await self.load_config()
         self._cluster = cluster
         etcd_members: list[str] | None = None
+        certificates: dict[str, Any] = {}
+        vault_away = self.vault is not None and not self.vault.ready
         if config_blocked:
             decision = Decision([], Phase.CONFIG_INVALID, config_blocked)
-        elif cluster is not None and self.vault is not None and not self.vault.ready:
+        elif (
+            cluster is not None
+            and self.vault is not None
+            and vault_away
+            and not (self.infra is not None and self.infra.has_ssh_keys)
+        ):
+            # Never reached Vault: no SSH key, so nothing can even be looked at.
             blocked = Blocked(
-                "vault-available",
+                RULE_VAULT_AVAILABLE,
                 f"Vault is needed for SSH keys and certificates: {self.vault.state}",
             )
             decision = Decision([], Phase.ETCD_WAIT, [blocked])
         else:
-            status = await self.collect_status(cluster)
+            pki, pki_blocked = await self.load_pki()
+            status = await self.collect_status(cluster, pki)
             decision = decide_safely(cluster, constraints, status)
+            if pki_blocked:
+                decision = dataclasses.replace(decision, blocked=[*decision.blocked, *pki_blocked])
+            if vault_away and self.vault is not None:
+                decision = held_for_vault(decision, self.vault.state)
+            certificates = certificate_summary(status)
             if status.etcd.reachable:
                 etcd_members = sorted(m.address for m in status.etcd.voters)
         previous = await self.storage.get_status()
@@ -333,6 +469,8 @@ class Server:
                 etcd_members=etcd_members,
                 cluster_revision=self._cluster_revision,
                 sabakan=sabakan_report,
+                certificates=certificates,
+                ca_rotations={p.name: p.to_dict() for p in decision.rotations},
             ),
         )
         self.metrics.set_phase(decision.phase.value)

@@ -57,8 +57,17 @@ class ServerMetrics:
             "The number of machines sabakan lists that the cluster does not use",
             registry=self.registry,
         )
+        self.certificate_expiry = Gauge(
+            "cke_certificate_expiry_timestamp_seconds",
+            'Unix time when each certificate cke manages expires (node "": cke\'s own)',
+            ["node", "certificate"],
+            registry=self.registry,
+        )
         for p in ALL_PHASES:
             self.phase.labels(phase=p).set(0)
+
+    def set_certificate(self, node: str, certificate: str, not_after: float) -> None:
+        self.certificate_expiry.labels(node=node, certificate=certificate).set(not_after)
 
     def set_phase(self, phase: str) -> None:
         for p in ALL_PHASES:

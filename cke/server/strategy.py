@@ -14,6 +14,11 @@ The etcd part follows CKE's ``server/strategy.go``:
    the host-key rule holds it back).
 2. **start** - control planes with data whose etcd is stopped and that are members
    (or membership is unknown because etcd does not answer): ``etcd-start``.
+   **renew** - running members whose leaf certificates are due (missing, inside the
+   renewal window, or from an issuer a CA rotation replaced) get new ones in place
+   (``etcd-renew-certificates``, :mod:`cke.server.certrenewal`); not a membership
+   change and no restart, so before the wait: expired peer certificates are a reason
+   etcd has no leader.
 3. **wait** - etcd does not answer or has no healthy leader: only time (or the
    starts above) can fix that, so ``etcd-wait`` with no operator.
 4. **maintain** - at most ONE operator, the first of these whose rules pass:
@@ -31,7 +36,10 @@ The etcd part follows CKE's ``server/strategy.go``:
       or runs etcd (nodes dropped from the control planes, and desired control
       planes with stale data, which (c) waits for - the decision, not
       ``EtcdAddMemberOp``, cleans a node before it joins);
-   f. restart one outdated member (its spec digest differs), the leader last.
+   f. restart one outdated member (its spec digest differs, trust bundles included),
+      the leader last;
+   g. take one CA rotation to its next stage once its stage reached every member
+      (:mod:`cke.server.carotation`).
    (a)-(d) are membership changes; (e) and (f) keep going when those are blocked.
    Phase ``etcd-maintain`` when an operator runs (``blocked`` lists what else was
    held back), :data:`ETCD_MAINTAIN_ABORTED` when only blocked steps remain,
@@ -53,10 +61,13 @@ from cke.op.etcd import (
     EtcdDestroyDataOp,
     EtcdPromoteOp,
     EtcdRemoveMemberOp,
+    EtcdRenewCertsOp,
     EtcdRestartOp,
     EtcdStartOp,
     desired_etcd_digest,
 )
+from cke.server.carotation import CARotationOp, Progress, rotation_progress
+from cke.server.certrenewal import RULE_CERTIFICATES_RENEWED, Due, node_renewals
 from cke.server.clusterstatus import ClusterStatus, EtcdMember, NodeStatus
 from cke.server.phases import Phase
 from cke.server.safety import (
@@ -103,6 +114,8 @@ class Decision:
     operators: list[Operator]
     phase: Phase
     blocked: list[Blocked] = field(default_factory=list)
+    # CA rotations in progress and what each waits for (``ckecli status``).
+    rotations: list[Progress] = field(default_factory=list)
 
 
 def decide(cluster: Cluster | None, constraints: Constraints, status: ClusterStatus) -> Decision:
@@ -148,6 +161,7 @@ class _Etcd:
         self.all_addresses = sorted(self.nodes)
         # Entries that reach one machine are left alone (one-entry-per-machine).
         self.same_machine = same_machine_addresses(status)
+        self.trust = status.pki.trust
         self.blocks = _Blocks()
 
     # -- node state --------------------------------------------------------
@@ -199,11 +213,22 @@ class _Etcd:
     # -- phases ------------------------------------------------------------
 
     def decide(self) -> Decision:
+        decision = self._decide()
+        if not self.status.pki.rotations:
+            return decision
+        return Decision(decision.operators, decision.phase, decision.blocked, self.rotations())
+
+    def _decide(self) -> Decision:
         if not self.bootstrapped():
             return self.boot()
         start = self.start()
         if start is not None:
             return Decision([start], Phase.ETCD_START, self.blocks.items)
+        # Before waiting for a healthy etcd: members whose peer certificates expired
+        # cannot reach each other until new ones are written.
+        renew = self.renew_certificates()
+        if renew is not None:
+            return Decision([renew], Phase.ETCD_MAINTAIN, self.blocks.items)
         leader = self.etcd.leader
         if not self.etcd.reachable or leader is None or not leader.healthy:
             return Decision([], Phase.ETCD_WAIT, self.blocks.items)
@@ -238,7 +263,9 @@ class _Etcd:
         )
         if refused is not None or not self.control_planes:
             return Decision([], Phase.ETCD_BOOT_ABORTED, self.blocks.items)
-        return Decision([EtcdBootstrapOp(self.control_planes, self.cluster)], Phase.ETCD_BOOT)
+        return Decision(
+            [EtcdBootstrapOp(self.control_planes, self.cluster, self.trust)], Phase.ETCD_BOOT
+        )
 
     def start(self) -> EtcdStartOp | None:
         """Start stopped members on control planes; no membership rule is involved."""
@@ -253,7 +280,46 @@ class _Etcd:
                 continue
             stopped.append(node)
         nodes = self.sendable(stopped)
-        return EtcdStartOp(nodes, self.cluster) if nodes else None
+        return EtcdStartOp(nodes, self.cluster, self.trust) if nodes else None
+
+    def renew_certificates(self) -> EtcdRenewCertsOp | None:
+        """Renew, in place, the leaves of running members that are due (missing, inside
+        the renewal window, or from an issuer a CA rotation replaced). Not a membership
+        change and no restart: it runs whatever else is blocked. A due member that
+        cannot be reached is reported under ``certificates-renewed``."""
+        due: dict[str, list[Due]] = {}
+        for node in self.control_planes:
+            ns = self.ns(node.address)
+            if ns is None:
+                continue
+            # When etcd does not answer, membership is unknown, and expired certificates
+            # may be the very reason: every control plane running etcd counts.
+            if self.etcd.reachable and self.etcd.member(node.address) is None:
+                continue
+            # An unreachable node keeps the certificates last seen on it (the leader
+            # remembers them), so that their expiry is still reported.
+            if not (ns.etcd_running or (not ns.ssh_ok and ns.certs)):
+                continue
+            found = node_renewals(ns, self.status.pki)
+            if found:
+                due[node.address] = found
+        if not due:
+            return None
+        nodes = self.sendable(n for n in self.control_planes if n.address in due)
+        unreachable = sorted(set(due) - {n.address for n in nodes})
+        if unreachable:
+            self.blocks.add(
+                Blocked(
+                    RULE_CERTIFICATES_RENEWED,
+                    "certificates inside their renewal window on nodes cke cannot reach: "
+                    + "; ".join(d.describe() for a in unreachable for d in due[a]),
+                    tuple(unreachable),
+                )
+            )
+        if not nodes:
+            return None
+        reasons = {n.address: [f"{d.name} {d.reason}" for d in due[n.address]] for n in nodes}
+        return EtcdRenewCertsOp(nodes, reasons)
 
     def maintain(self) -> Operator | None:
         for step in (
@@ -264,6 +330,7 @@ class _Etcd:
             self.repair_lost_data,
             self.destroy_data,
             self.restart_outdated,
+            self.advance_ca_rotation,
         ):
             op = step()
             if op is not None:
@@ -345,7 +412,7 @@ class _Etcd:
         if not clean or self.blocks.first_failure(self.membership_gate()) is not None:
             return None
         # The gate passed, so every control plane is reachable with a verified host key.
-        return EtcdAddMemberOp(clean[0], self.cluster, list(self.etcd.members))
+        return EtcdAddMemberOp(clean[0], self.cluster, list(self.etcd.members), self.trust)
 
     def repair_lost_data(self) -> Operator | None:
         """(d) Remove a desired member whose node lost its data; (c) re-adds it."""
@@ -392,7 +459,7 @@ class _Etcd:
             if m is None or ns is None or not ns.etcd_running:
                 continue
             # An unknown digest (None) counts as outdated: the spec is not cke's.
-            if ns.etcd_digest != desired_etcd_digest(node, self.cluster):
+            if ns.etcd_digest != desired_etcd_digest(node, self.cluster, self.trust):
                 outdated.append((node, m))
         outdated.sort(key=lambda nm: (self.is_leader(nm[1]), nm[0].address))
         sendable = {n.address for n in self.sendable(n for n, _ in outdated)}
@@ -407,8 +474,48 @@ class _Etcd:
             if self.blocks.first_failure(checks) is None:
                 target = self.move_leader_to(m)
                 return EtcdRestartOp(
-                    node, self.cluster, target, leader=m if target is not None else None
+                    node,
+                    self.cluster,
+                    target,
+                    leader=m if target is not None else None,
+                    trust=self.trust,
                 )
+        return None
+
+    def member_statuses(self) -> list[NodeStatus]:
+        """The status of every control plane that is an etcd member."""
+        return [
+            ns
+            for n in self.control_planes
+            if self.etcd.member(n.address) is not None and (ns := self.ns(n.address)) is not None
+        ]
+
+    def spec_current(self, ns: NodeStatus) -> bool:
+        node = self.nodes[ns.address]
+        return ns.etcd_running and ns.etcd_digest == desired_etcd_digest(
+            node, self.cluster, self.trust
+        )
+
+    def rotations(self) -> list[Progress]:
+        members = self.member_statuses()
+        return [
+            rotation_progress(name, stage, self.status.pki, members, self.spec_current)
+            for name, stage in sorted(self.status.pki.rotations.items())
+        ]
+
+    def advance_ca_rotation(self) -> Operator | None:
+        """(g) Take one CA rotation to its next stage once its stage reached every member
+        (see :mod:`cke.server.carotation`); only with every control plane reachable and
+        the cluster healthy and in sync, so that "every member" means all of them."""
+        for progress in self.rotations():
+            if not progress.ready:
+                continue
+            checks: list[Check] = [
+                partial(all_control_planes_reachable, self.cluster, self.status),
+                partial(cluster_healthy_and_in_sync, self.status),
+            ]
+            if self.blocks.first_failure(checks) is None:
+                return CARotationOp(progress.name, progress.stage)
         return None
 
     def _has_etcd(self, address: str) -> bool:

@@ -32,6 +32,7 @@ from cke.cluster import (
     parse_cluster,
     validate_cluster,
 )
+from cke.storage import Status
 
 pytestmark = pytest.mark.unit
 
@@ -618,14 +619,11 @@ class _Storage:
         return "cke-1"
 
     async def get_status(self) -> Any:
-        return SimpleNamespace(
+        return Status(
             phase="completed",
             timestamp="2026-01-01T00:00:00Z",
-            blocked=[],
             vault="ok",
-            etcd_members=[],
             cluster_revision=3,
-            sabakan={},
         )
 
     async def get_records(self, count: int) -> list[Any]:
