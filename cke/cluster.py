@@ -801,6 +801,8 @@ def check_options(cluster: Cluster) -> list[Problem]:
         params = cluster.options.for_component(component)
         problems += check_service_params(params, f"options.{component}")
     problems += check_etcd_extra_args(cluster.options.etcd)
+    problems += check_rivers_extra_args(cluster.options.rivers, "rivers")
+    problems += check_rivers_extra_args(cluster.options.etcd_rivers, "etcd-rivers")
     problems += check_etcd_volume_name(cluster.options.etcd)
     problems += check_kube_api(cluster.options.kube_api)
     problems += check_component_config(
@@ -1065,6 +1067,25 @@ def check_etcd_extra_args(params: ServiceParams) -> list[Problem]:
     return problems
 
 
+RIVERS_FLAGS_SET_BY_CKE = frozenset({"listen", "upstreams"})
+
+
+def check_rivers_extra_args(params: ServiceParams, component: str) -> list[Problem]:
+    """``options.rivers``/``options.etcd-rivers`` ``extra_args`` must not set the listen
+    address or the upstreams: cke derives them from the control planes."""
+    problems: list[Problem] = []
+    for i, arg in enumerate(params.extra_args):
+        flag = arg.lstrip("-").split("=", 1)[0] if arg.startswith("-") else ""
+        if flag in RIVERS_FLAGS_SET_BY_CKE:
+            problems.append(
+                (
+                    f"options.{component}.extra_args[{i}]",
+                    f"--{flag} is set by cke and cannot be changed",
+                )
+            )
+    return problems
+
+
 def check_binaries(cluster: Cluster) -> list[Problem]:
     problems: list[Problem] = []
     for program in _BINARY_NAMES:
@@ -1111,8 +1132,9 @@ def cluster_problems(cluster: Cluster) -> list[Problem]:
 # What cke stores and checks but does not act on: no Kubernetes runs here (no kube-*
 # components, kubelet, cluster DNS, node taints of control planes, reboots, repairs or
 # REST mappings; the sabakan generator has no Kubernetes taints to look at), no Docker
-# (bind mounts, volumes) and no rivers proxies.  Only ``options.etcd``'s arguments and
-# environment, the etcd binaries, the nodes and ``runtime`` drive what cke does.
+# (bind mounts, volumes).  The arguments and environment of ``options.etcd``,
+# ``options.rivers`` and ``options.etcd-rivers``, the etcd and rivers binaries, the nodes
+# and ``runtime`` drive what cke does.
 _INERT_TOP = (
     "taint_control_plane",
     "control_plane_tolerations",
@@ -1122,8 +1144,9 @@ _INERT_TOP = (
     "sabakan",
     "trusted_rest_mappings",
 )
-_INERT_BINARIES = tuple(b for b in _BINARY_NAMES if b not in ("etcd", "etcdctl"))
-_INERT_COMPONENTS = tuple(c for c in COMPONENTS if c != "etcd")
+_INERT_BINARIES = tuple(b for b in _BINARY_NAMES if b not in ("etcd", "etcdctl", "rivers"))
+_INERT_COMPONENTS = tuple(c for c in COMPONENTS if c not in ("etcd", "rivers", "etcd-rivers"))
+_INERT_RIVERS = ("extra_binds",)
 _INERT_ETCD = ("extra_binds", "volume_name")
 
 
@@ -1145,6 +1168,10 @@ def inert_fields(cluster: Cluster) -> list[str]:
     found = _set_fields(cluster, _INERT_TOP, "")
     found += _set_fields(cluster.binaries, _INERT_BINARIES, "binaries.")
     found += _set_fields(cluster.options.etcd, _INERT_ETCD, "options.etcd.")
+    for rivers in ("rivers", "etcd-rivers"):
+        found += _set_fields(
+            cluster.options.for_component(rivers), _INERT_RIVERS, f"options.{rivers}."
+        )
     for component in _INERT_COMPONENTS:
         found += _set_fields(
             cluster.options.for_component(component), None, f"options.{component}."

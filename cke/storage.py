@@ -106,6 +106,8 @@ class Status:
     certificates: dict[str, Any] = field(default_factory=dict)
     # CA rotations in progress: {name: {stage, waiting-for}}.
     ca_rotations: dict[str, Any] = field(default_factory=dict)
+    # Per node, rivers and etcd-rivers: {address: {service: current|outdated|stopped|...}}.
+    rivers: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -121,6 +123,7 @@ class Status:
                 "sabakan": self.sabakan,
                 "certificates": self.certificates,
                 "ca-rotations": self.ca_rotations,
+                "rivers": self.rivers,
             }
         )
 
@@ -139,6 +142,7 @@ class Status:
             sabakan=dict(doc.get("sabakan") or {}),
             certificates=dict(doc.get("certificates") or {}),
             ca_rotations=dict(doc.get("ca-rotations") or {}),
+            rivers=dict(doc.get("rivers") or {}),
         )
 
 

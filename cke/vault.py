@@ -244,6 +244,9 @@ class VaultSession:
         self.check_interval = check_interval
         self._vault: Vault | None = None
         self._ready = asyncio.Event()
+        # Called each time a login succeeds (the leader decides again at once: work
+        # held back for Vault, such as due certificates, goes on without waiting).
+        self.ready_listeners: list[Callable[[], None]] = []
         self.state = "not configured"
         self.renewals = 0
         self.logins = 0
@@ -336,6 +339,8 @@ class VaultSession:
             self._vault = vault
             self._ready.set()
             self._set_state("ok")
+            for listener in self.ready_listeners:
+                listener()
             await self._renew_until_failure(vault, lease, config)
             self._ready.clear()
 

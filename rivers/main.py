@@ -225,7 +225,7 @@ async def serve(options: Options, argv: Sequence[str]) -> int:
     proxy = Proxy(options.proxy)
     worker_env = os.environ.get(WORKER_ENV)
     if worker_env:
-        # A worker serves no HTTP: it never imports prometheus_client (~3.5 MB).
+        # A worker serves no HTTP: it never imports rivers.metrics.
         listen_fds, control_fd, _, index = parse_worker_env(worker_env)
         return await serve_worker(proxy, listen_fds, control_fd, index)
     from rivers.metrics import MetricsServer

@@ -1,20 +1,21 @@
 """``/metrics`` and ``/health`` on ``--metrics``.
 
 The proxy keeps plain integer counters (a Prometheus ``Counter.inc`` per chunk would
-cost more than the forwarding itself); a custom collector turns them into metric
-families at scrape time. The HTTP side is a tiny asyncio handler rather than
-aiohttp: two fixed GET routes do not justify its import time and memory.
+cost more than the forwarding itself); ``render`` turns a snapshot of them into the
+Prometheus text exposition format (version 0.0.4) at scrape time. Standard library
+only, so that rivers runs on a node with nothing but Python: the output is the same,
+byte for byte, as ``prometheus_client.generate_latest`` of the custom collector rivers
+used before (counter families named ``..._total``, values as Go prints floats). The
+HTTP side is a tiny asyncio handler rather than aiohttp: two fixed GET routes do not
+justify a dependency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+import math
+from collections.abc import Awaitable, Callable, Iterable
 
 from cke.common.logs import get_logger
 from rivers.proxy import HostPort, Snapshot, listen_sockets
@@ -33,95 +34,140 @@ _REASONS = {
     503: "Service Unavailable",
 }
 
+# One sample: (label name, label value) or None for a family without labels, and a value.
+Sample = tuple[tuple[str, str] | None, float]
 
-class RiversCollector(Collector):
-    """Renders the snapshot taken just before the scrape (one worker or all merged)."""
 
-    def __init__(self) -> None:
-        self.snapshot: Snapshot = {}
+def format_value(value: float) -> str:
+    """A sample value as prometheus_client writes it (``3.0``, ``1.234567e+06``, ``+Inf``)."""
+    d = float(value)
+    if math.isnan(d):
+        return "NaN"
+    if math.isinf(d):
+        return "+Inf" if d > 0 else "-Inf"
+    s = repr(d)
+    dot = s.find(".")
+    # prometheus_client's rule (floatToGoString): from seven integer digits on, an
+    # exponent, as Go prints them (1234567.0 -> 1.234567e+06).
+    if d > 0 and dot > 6:
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1 :]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return s
 
-    def collect(self) -> Iterator[Metric]:
-        snap = self.snapshot
-        if not snap:
-            return
-        accepted = CounterMetricFamily(
-            "rivers_connections_accepted",
-            "Connections proxied to each upstream.",
-            labels=["upstream"],
-        )
-        active = GaugeMetricFamily(
-            "rivers_connections_active", "Open proxied connections.", labels=["upstream"]
-        )
-        dial_errors = CounterMetricFamily(
-            "rivers_dial_errors", "Failed dials to each upstream.", labels=["upstream"]
-        )
-        healthy = GaugeMetricFamily(
-            "rivers_upstream_healthy", "1 if the upstream is healthy.", labels=["upstream"]
-        )
-        for name, fields in snap["upstreams"].items():
-            accepted.add_metric([name], fields["accepted"])
-            active.add_metric([name], fields["active"])
-            dial_errors.add_metric([name], fields["dial_errors"])
-            healthy.add_metric([name], fields["healthy"])
-        byte_counter = CounterMetricFamily(
-            "rivers_bytes",
-            "Bytes forwarded; upstream = client to upstream, downstream = back.",
-            labels=["direction"],
-        )
-        byte_counter.add_metric(["upstream"], snap["bytes_up"])
-        byte_counter.add_metric(["downstream"], snap["bytes_down"])
-        no_upstream = CounterMetricFamily(
-            "rivers_no_upstream", "Clients closed because no upstream was healthy."
-        )
-        no_upstream.add_metric([], snap["no_upstream"])
-        dialing = GaugeMetricFamily(
-            "rivers_connections_dialing", "Accepted clients waiting for an upstream dial."
-        )
-        dialing.add_metric([], snap["dialing"])
-        workers = GaugeMetricFamily(
-            "rivers_workers", "Worker processes whose counters are in this scrape."
-        )
-        workers.add_metric([], snap.get("workers", 1))
-        shed = CounterMetricFamily(
-            "rivers_connections_shed",
-            "New clients closed at once because --max-connections was reached.",
-        )
-        shed.add_metric([], snap["shed"])
-        limit = GaugeMetricFamily(
-            "rivers_connections_limit",
-            "Client connections allowed (sum over workers); 0 means no limit.",
-        )
-        limit.add_metric([], snap["max_connections"])
-        local_errors = CounterMetricFamily(
-            "rivers_local_errors",
-            "Dials (proxying and health checks) failed for a local reason "
-            "(EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL); upstream health unchanged.",
-            labels=["error"],
-        )
-        for name, count in sorted(snap["local_errors"].items()):
-            local_errors.add_metric([name], count)
-        yield from (
-            accepted,
-            active,
-            dial_errors,
-            healthy,
-            byte_counter,
-            no_upstream,
-            dialing,
-            workers,
-            shed,
-            limit,
-            local_errors,
-        )
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _family(
+    out: list[str], name: str, kind: str, help_text: str, samples: Iterable[Sample]
+) -> None:
+    """Append one metric family: its HELP and TYPE lines, then one line per sample."""
+    doc = help_text.replace("\\", r"\\").replace("\n", r"\n")
+    out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+    for label, value in samples:
+        labels = "" if label is None else f'{{{label[0]}="{_escape_label(label[1])}"}}'
+        out.append(f"{name}{labels} {format_value(value)}\n")
+
+
+def render(snap: Snapshot) -> bytes:
+    """The snapshot (one worker's or all merged) in the text format; empty if no snapshot."""
+    if not snap:
+        return b""
+    upstreams: dict[str, dict[str, int]] = snap["upstreams"]
+    out: list[str] = []
+
+    def per_upstream(field: str) -> list[Sample]:
+        return [(("upstream", name), fields[field]) for name, fields in upstreams.items()]
+
+    _family(
+        out,
+        "rivers_connections_accepted_total",
+        "counter",
+        "Connections proxied to each upstream.",
+        per_upstream("accepted"),
+    )
+    _family(
+        out,
+        "rivers_connections_active",
+        "gauge",
+        "Open proxied connections.",
+        per_upstream("active"),
+    )
+    _family(
+        out,
+        "rivers_dial_errors_total",
+        "counter",
+        "Failed dials to each upstream.",
+        per_upstream("dial_errors"),
+    )
+    _family(
+        out,
+        "rivers_upstream_healthy",
+        "gauge",
+        "1 if the upstream is healthy.",
+        per_upstream("healthy"),
+    )
+    _family(
+        out,
+        "rivers_bytes_total",
+        "counter",
+        "Bytes forwarded; upstream = client to upstream, downstream = back.",
+        [
+            (("direction", "upstream"), snap["bytes_up"]),
+            (("direction", "downstream"), snap["bytes_down"]),
+        ],
+    )
+    _family(
+        out,
+        "rivers_no_upstream_total",
+        "counter",
+        "Clients closed because no upstream was healthy.",
+        [(None, snap["no_upstream"])],
+    )
+    _family(
+        out,
+        "rivers_connections_dialing",
+        "gauge",
+        "Accepted clients waiting for an upstream dial.",
+        [(None, snap["dialing"])],
+    )
+    _family(
+        out,
+        "rivers_workers",
+        "gauge",
+        "Worker processes whose counters are in this scrape.",
+        [(None, snap.get("workers", 1))],
+    )
+    _family(
+        out,
+        "rivers_connections_shed_total",
+        "counter",
+        "New clients closed at once because --max-connections was reached.",
+        [(None, snap["shed"])],
+    )
+    _family(
+        out,
+        "rivers_connections_limit",
+        "gauge",
+        "Client connections allowed (sum over workers); 0 means no limit.",
+        [(None, snap["max_connections"])],
+    )
+    _family(
+        out,
+        "rivers_local_errors_total",
+        "counter",
+        "Dials (proxying and health checks) failed for a local reason "
+        "(EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL); upstream health unchanged.",
+        [(("error", name), count) for name, count in sorted(snap["local_errors"].items())],
+    )
+    return "".join(out).encode()
 
 
 class MetricsServer:
     def __init__(self, source: SnapshotSource, address: HostPort) -> None:
         self.source = source
         self.address = address
-        self.collector = RiversCollector()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
@@ -165,8 +211,7 @@ class MetricsServer:
             elif method not in ("GET", "HEAD"):
                 status, ctype, body = 405, "text/plain", b"method not allowed\n"
             elif path == "/metrics":
-                self.collector.snapshot = await self.source()
-                status, ctype, body = 200, CONTENT_TYPE, generate_latest(self.registry)
+                status, ctype, body = 200, CONTENT_TYPE, render(await self.source())
             elif path == "/health":
                 status, body = self._health(await self.source())
                 ctype = "application/json"

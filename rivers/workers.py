@@ -1,7 +1,8 @@
 """``--workers N``: more processes accepting from one listening socket.
 
 The main process binds the listener (so a port in use is a flag error, exit 2), then
-serves as worker 0 and starts N-1 more workers with ``python -m rivers.main`` and
+serves as worker 0 and starts N-1 more workers with ``python -m rivers.main`` (or,
+when rivers runs as the zipapp, ``python rivers.pyz``; see ``worker_command``) and
 the same flags. The listening sockets are passed to them as inherited descriptors,
 so all processes accept from one queue: whichever worker is free takes the next
 connection (measured to balance and to keep the tail latency lower than one
@@ -33,6 +34,7 @@ import os
 import signal
 import socket
 import sys
+import zipimport
 
 from cke.common.logs import get_logger
 from rivers.proxy import Listener, Proxy, Snapshot, merge_snapshots
@@ -49,6 +51,35 @@ SCRAPE_TIMEOUT = 2.0
 def auto_workers() -> int:
     """CPUs this process may run on, at most 4 (each worker costs ~20 MB)."""
     return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def worker_command() -> list[str]:
+    """How to start a worker: this interpreter, with the flags that decide where it
+    imports from (``-I``, ``-S``...), running rivers from where this process found it.
+
+    From the zipapp (``python3 -I -S rivers.pyz``, as cke ships it), ``-m rivers.main``
+    would find no rivers: the worker runs the archive itself, whose ``__main__`` is
+    ``rivers.main.main``. Installed, it stays ``python -m rivers.main``.
+    """
+    flags = sys.flags
+    if flags.isolated:
+        options = ["-I"]  # implies -E, -s and -P
+    else:
+        options = [
+            opt
+            for opt, on in (
+                ("-E", flags.ignore_environment),
+                ("-s", flags.no_user_site),
+                ("-P", flags.safe_path),
+            )
+            if on
+        ]
+    if flags.no_site:
+        options.append("-S")
+    loader = __spec__.loader if __spec__ is not None else None
+    if isinstance(loader, zipimport.zipimporter):
+        return [sys.executable, *options, os.path.abspath(loader.archive)]
+    return [sys.executable, *options, "-m", "rivers.main"]
 
 
 class WorkerHandle:
@@ -100,9 +131,7 @@ class Supervisor:
         )
         try:
             handle.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "rivers.main",
+                *worker_command(),
                 *self.argv,
                 env=env,
                 pass_fds=(*fds, child_end.fileno()),

@@ -309,6 +309,12 @@ def _status_text(doc: dict[str, Any]) -> str:
                 f"  - {address}: {cert.get('certificate')} expires {cert.get('not-after')}"
                 f" (serial {cert.get('serial')})"
             )
+    rivers = doc.get("rivers") or {}
+    if rivers:
+        lines.append("rivers:")
+        for address, services in sorted(rivers.items()):
+            states = ", ".join(f"{name} {state}" for name, state in sorted(services.items()))
+            lines.append(f"  - {address}: {states}")
     for name, rotation in sorted((doc.get("ca-rotations") or {}).items()):
         waiting = rotation.get("waiting-for") or "ready for the next step"
         lines.append(f"ca rotation {name}: {rotation.get('stage')}; {waiting}")
@@ -342,6 +348,7 @@ async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
         "sabakan": status.sabakan if status else {},
         "certificates": status.certificates,
         "ca-rotations": status.ca_rotations,
+        "rivers": status.rivers,
         "last-record": records[0].to_dict() if records else None,
         "inert": [],
     }

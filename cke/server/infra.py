@@ -40,6 +40,7 @@ class Infrastructure:
         rotation_grace: float = 0.0,
     ) -> None:
         self.storage = storage
+        self.max_concurrent_updates = max_concurrent_updates
         # Lifetime per kind (server, peer, client, kubernetes); --cert-ttl for the rest.
         self.ttls = {kind: cert_ttl for kind in CERT_KINDS} | dict(ttls or {})
         self.renew_fraction = renew_fraction

@@ -71,6 +71,7 @@ RULE_KEEP_ETCD_MAJORITY = "keep-etcd-majority"
 RULE_LEARNER_CAUGHT_UP = "learner-caught-up"
 RULE_LEADER_MOVED_FIRST = "leader-moved-first"
 RULE_REPLACEMENT_ADDED_FIRST = "replacement-added-first"
+RULE_RIVERS_UPDATED_FIRST = "rivers-updated-first"
 
 
 @dataclass(frozen=True)
@@ -418,4 +419,27 @@ def replacement_added_first(
         f"etcd member {member.address} leaves once control plane(s) {_names(waiting)} "
         "joined as voters, so that the cluster never has fewer voters than it should.",
         (member.address, *waiting),
+    )
+
+
+# ---------------------------------------------------------------------------
+# rivers-updated-first: the proxies on the nodes forward to the members in their
+# upstream lists; a member removed while a proxy still lists it turns part of that
+# node's traffic into errors.  A healthy member leaves only once no running proxy on
+# a reachable node has an outdated list (the desired lists no longer name it).
+# ---------------------------------------------------------------------------
+
+
+def rivers_updated_first(member: EtcdMember, outdated: Iterable[str]) -> Blocked | None:
+    """Refuse to remove ``member`` while the nodes ``outdated`` run rivers or
+    etcd-rivers with an upstream list older than the desired one."""
+    stale = sorted(set(outdated))
+    if not stale:
+        return None
+    return Blocked(
+        RULE_RIVERS_UPDATED_FIRST,
+        f"etcd member {member.address} leaves once the rivers on {_names(stale[:10])}"
+        + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
+        + " no longer forward to it.",
+        (member.address, *[a for a in stale[:10] if a != member.address]),
     )

@@ -39,7 +39,9 @@ The etcd part follows CKE's ``server/strategy.go``:
    f. restart one outdated member (its spec digest differs, trust bundles included),
       the leader last;
    g. take one CA rotation to its next stage once its stage reached every member
-      (:mod:`cke.server.carotation`).
+      (:mod:`cke.server.carotation`);
+   h. start stopped and restart outdated rivers and etcd-rivers (phase ``rivers``,
+      :mod:`cke.op.rivers`), ``max_concurrent_updates`` nodes at a time.
    (a)-(d) are membership changes; (e) and (f) keep going when those are blocked.
    Phase ``etcd-maintain`` when an operator runs (``blocked`` lists what else was
    held back), :data:`ETCD_MAINTAIN_ABORTED` when only blocked steps remain,
@@ -66,6 +68,7 @@ from cke.op.etcd import (
     EtcdStartOp,
     desired_etcd_digest,
 )
+from cke.op.rivers import KINDS, RiversKind, RiversOp, RiversStopOp, rivers_spec
 from cke.server.carotation import CARotationOp, Progress, rotation_progress
 from cke.server.certrenewal import RULE_CERTIFICATES_RENEWED, Due, node_renewals
 from cke.server.clusterstatus import ClusterStatus, EtcdMember, NodeStatus
@@ -83,6 +86,7 @@ from cke.server.safety import (
     learner_caught_up,
     one_entry_per_machine,
     replacement_added_first,
+    rivers_updated_first,
     same_machine_addresses,
 )
 
@@ -116,6 +120,8 @@ class Decision:
     blocked: list[Blocked] = field(default_factory=list)
     # CA rotations in progress and what each waits for (``ckecli status``).
     rotations: list[Progress] = field(default_factory=list)
+    # Per node, the state of rivers and etcd-rivers (``ckecli status``).
+    rivers: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def decide(cluster: Cluster | None, constraints: Constraints, status: ClusterStatus) -> Decision:
@@ -214,9 +220,9 @@ class _Etcd:
 
     def decide(self) -> Decision:
         decision = self._decide()
-        if not self.status.pki.rotations:
-            return decision
-        return Decision(decision.operators, decision.phase, decision.blocked, self.rotations())
+        rotations = self.rotations() if self.status.pki.rotations else []
+        rivers = self.rivers_summary() if self.etcd.reachable and self.status.rivers_app else {}
+        return Decision(decision.operators, decision.phase, decision.blocked, rotations, rivers)
 
     def _decide(self) -> Decision:
         if not self.bootstrapped():
@@ -234,7 +240,8 @@ class _Etcd:
             return Decision([], Phase.ETCD_WAIT, self.blocks.items)
         op = self.maintain()
         if op is not None:
-            return Decision([op], Phase.ETCD_MAINTAIN, self.blocks.items)
+            phase = Phase.RIVERS if isinstance(op, RiversOp | RiversStopOp) else Phase.ETCD_MAINTAIN
+            return Decision([op], phase, self.blocks.items)
         if self.blocks.items:
             return Decision([], ETCD_MAINTAIN_ABORTED, self.blocks.items)
         if not all(self.etcd.in_sync(m) for m in self.etcd.members):
@@ -331,6 +338,7 @@ class _Etcd:
             self.destroy_data,
             self.restart_outdated,
             self.advance_ca_rotation,
+            self.rivers,
         ):
             op = step()
             if op is not None:
@@ -367,6 +375,8 @@ class _Etcd:
             ]
             if healthy and not m.learner:
                 checks.insert(0, partial(replacement_added_first, self.status, self.cluster, m))
+            if healthy:
+                checks.insert(0, partial(rivers_updated_first, m, self.rivers_outdated_nodes()))
             if not m.learner:
                 # Removing a voter may lose the data unless the new control planes keep
                 # a majority of the voters; adding first (step c) gets there safely.
@@ -481,6 +491,91 @@ class _Etcd:
                     trust=self.trust,
                 )
         return None
+
+    # -- rivers and etcd-rivers (CKE's riversOps) -------------------------------------
+
+    def rivers_upstreams(self) -> list[str]:
+        """The desired control planes whose members are voters: what every proxy
+        forwards to (a new control plane once promoted; a dropped one at once)."""
+        return sorted(m.address for m in self.etcd.voters if m.address in self.cp_addresses)
+
+    def rivers_targets(self, kind: RiversKind) -> list[Node]:
+        return self.control_planes if kind.control_planes_only else self.cluster.nodes
+
+    def rivers_state(self, kind: RiversKind, node: Node, upstreams: list[str]) -> str:
+        """``current``, ``outdated``, ``stopped`` or ``unknown`` (node not reachable)."""
+        ns = self.ns(node.address)
+        if ns is None or not ns.ssh_ok:
+            return "unknown"
+        st = ns.services.get(kind.service)
+        if st is None or not st.running:
+            return "stopped"
+        want = rivers_spec(kind, node, upstreams, self.cluster, self.status.rivers_app).digest()
+        return "current" if st.digest == want else "outdated"
+
+    def rivers_outdated_nodes(self) -> list[str]:
+        """Reachable nodes whose running rivers or etcd-rivers forward to an old list."""
+        upstreams = self.rivers_upstreams()
+        if not upstreams or not self.status.rivers_app:
+            return []
+        return sorted(
+            {
+                n.address
+                for kind in KINDS
+                for n in self.rivers_targets(kind)
+                if self.rivers_state(kind, n, upstreams) == "outdated"
+            }
+        )
+
+    def rivers(self) -> Operator | None:
+        """(h) Start stopped and restart outdated rivers and etcd-rivers, at most
+        ``max_concurrent_updates`` nodes per operation (phase ``rivers``). Never with an
+        empty upstream list: a proxy keeps its old list rather than none. Last (CKE runs
+        it first): a rivers that cannot start must not hold back the repair of etcd; a
+        healthy member that a proxy still lists waits for it (rivers-updated-first)."""
+        upstreams = self.rivers_upstreams()
+        if not upstreams or not self.status.rivers_app:
+            return None
+        limit = max(1, self.status.max_concurrent_updates)
+        for kind in KINDS:
+            nodes = sorted(self.rivers_targets(kind), key=lambda n: n.address)
+            states = {n.address: self.rivers_state(kind, n, upstreams) for n in nodes}
+            for wanted in ("stopped", "outdated"):
+                candidates = [n for n in nodes if states[n.address] == wanted]
+                sendable = self.sendable(candidates)[:limit]
+                if sendable:
+                    return RiversOp(
+                        kind,
+                        sendable,
+                        upstreams,
+                        self.cluster,
+                        self.status.rivers_app,
+                        bootstrap=wanted == "stopped",
+                    )
+            if kind.control_planes_only:
+                # Nodes that were control planes keep no proxy for their old role.
+                former = [
+                    n
+                    for n in self.cluster.nodes
+                    if n.address not in self.cp_addresses
+                    and (ns := self.ns(n.address)) is not None
+                    and (st := ns.services.get(kind.service)) is not None
+                    and st.running
+                ]
+                sendable = self.sendable(sorted(former, key=lambda n: n.address))[:limit]
+                if sendable:
+                    return RiversStopOp(kind, sendable)
+        return None
+
+    def rivers_summary(self) -> dict[str, dict[str, str]]:
+        """Per node, the state of each proxy it should run (``ckecli status``)."""
+        upstreams = self.rivers_upstreams()
+        summary: dict[str, dict[str, str]] = {}
+        for kind in KINDS:
+            for n in self.rivers_targets(kind):
+                state = self.rivers_state(kind, n, upstreams) if upstreams else "waiting"
+                summary.setdefault(n.address, {})[kind.service] = state
+        return summary
 
     def member_statuses(self) -> list[NodeStatus]:
         """The status of every control plane that is an etcd member."""

@@ -6,7 +6,9 @@ runs every 40 s; the tests run in order and each leaves the cluster healthy:
 
 1. four minutes of canary writes while every member's certificates renew in place;
 2. Vault stopped while certificates are due, then started again;
-3. the etcd peer and client CAs rotated under canary writes, the leader killed mid-way.
+3. the etcd peer and client CAs rotated under canary writes, the leader killed and
+   Vault stopped mid-way;
+4. the server CA rotated under canary writes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 from etcd3aio import Etcd3Client, prefix_range_end
 
 from cke.certinfo import CertInfo, bundle_key_ids, parse_certificate
@@ -291,6 +293,35 @@ async def _watch_served(
             await asyncio.wait_for(stop.wait(), 1.0)
 
 
+async def _finish_rotation(
+    d: Deployment,
+    canary: Canary,
+    writes: asyncio.Task[CanaryReport],
+    stop_writes: asyncio.Event,
+    timeout: float,
+) -> CanaryReport:
+    """Wait until no rotation is in progress and the cluster is settled; let the canary
+    write on the final trust for a few seconds, then check its writes: 0 lost (every
+    acknowledged write is there) and none failed for longer than a few seconds
+    (members restart one at a time, leadership moved first)."""
+    deadline = time.monotonic() + timeout
+    rotations = ""
+    while time.monotonic() < deadline:
+        rotations = (await d.ckecli("ca", "rotations")).stdout
+        if "no CA rotation in progress" in rotations:
+            break
+        await asyncio.sleep(1.0)
+    assert "no CA rotation in progress" in rotations, rotations
+    await d.wait_for("completed", timeout=60, voters=3)
+    await asyncio.sleep(5)
+    stop_writes.set()
+    report = await writes
+    assert len(report.acked) > 100, report.attempts
+    assert set(report.acked) <= await canary.stored()
+    assert report.longest_outage < MAX_OUTAGE, report.longest_outage
+    return report
+
+
 # -- 1. renewal in place --------------------------------------------------------------------
 
 
@@ -422,8 +453,9 @@ async def test_vault_down_keeps_current_certificates_and_resumes(
     finally:
         await bed.vault.start()
     vault_back = time.monotonic()
-    # Renewal resumes soon after Vault is back: cke's Vault session retries every
-    # min(5 s, --interval), and the leader decides again within 2 s.
+    # Renewal resumes within one interval after Vault is back: cke's Vault session
+    # retries every min(5 s, --interval) and wakes the leader when it logs in; the
+    # margin is for the operation itself (issue, then write over SSH).
     while time.monotonic() - vault_back < 30:
         now = {n.address: _node_leaf(n, "peer").serial for n in bed.nodes}
         if all(now[a] != before[a] for a in now):
@@ -431,7 +463,7 @@ async def test_vault_down_keeps_current_certificates_and_resumes(
         await asyncio.sleep(0.2)
     resumed_after = time.monotonic() - vault_back
     assert all(_node_leaf(n, "peer").serial != before[n.address] for n in bed.nodes)
-    assert resumed_after < INTERVAL + 5.0 + 3.0, resumed_after
+    assert resumed_after < INTERVAL + 3.0, resumed_after
     print(f"renewal resumed {resumed_after:.1f}s after Vault answered again")
     await deployment.wait_for("completed", timeout=60, voters=3)
 
@@ -473,24 +505,7 @@ async def test_ca_rotation_of_peer_and_client_cas_under_canary_writes(
         assert "no CA rotation in progress" not in during, during
     finally:
         await bed.vault.start()
-    deadline = time.monotonic() + 300
-    rotations = ""
-    while time.monotonic() < deadline:
-        rotations = (await deployment.ckecli("ca", "rotations")).stdout
-        if "no CA rotation in progress" in rotations:
-            break
-        await asyncio.sleep(1.0)
-    assert "no CA rotation in progress" in rotations, rotations
-    await deployment.wait_for("completed", timeout=60, voters=3)
-    # Let the canary write on the final trust for a while, then stop it.
-    await asyncio.sleep(5)
-    stop_writes.set()
-    report = await writes
-    # 0 lost writes: every write that was acknowledged is there, and none failed for
-    # longer than a few seconds (members restart one at a time, leadership moved first).
-    assert len(report.acked) > 100, report.attempts
-    assert set(report.acked) <= await canary.stored()
-    assert report.longest_outage < MAX_OUTAGE, report.longest_outage
+    report = await _finish_rotation(deployment, canary, writes, stop_writes, 300)
     for name in ("etcd-peer", "etcd-client"):
         new = (await deployment.ckecli("ca", "get", name)).stdout
         assert bundle_key_ids(new) != bundle_key_ids(old[name]), name
@@ -525,3 +540,56 @@ async def test_ca_rotation_of_peer_and_client_cas_under_canary_writes(
         f"longest write outage {report.longest_outage:.2f}s"
     )
     assert len(stages) >= 8, [r["operation"] for r in records[:40]]
+
+
+async def test_server_ca_rotation_keeps_clients_connected(
+    bed: TestBed, deployment: Deployment
+) -> None:
+    addresses = [n.address for n in bed.nodes]
+    await deployment.wait_for("completed", timeout=60, voters=3)
+    old = (await deployment.ckecli("ca", "get", "server")).stdout
+    old_ids = bundle_key_ids(old)
+    contexts = await _probe_contexts(bed, deployment)
+    canary = Canary(deployment, addresses, "/canary-server-ca/")
+    stop_writes = asyncio.Event()
+    writes = asyncio.create_task(canary.run(300.0, refresh=5.0, stop=stop_writes))
+    result = await deployment.ckecli("ca", "rotate", "server")
+    assert result.returncode == 0, result.stderr
+    # While clients are given time, ``ckecli ca get server`` hands out old + new.
+    deadline = time.monotonic() + 60
+    both: tuple[str, ...] = ()
+    while time.monotonic() < deadline:
+        rotations = (await deployment.ckecli("ca", "rotations")).stdout
+        if "server: trust-both" in rotations:
+            both = bundle_key_ids((await deployment.ckecli("ca", "get", "server")).stdout)
+            break
+        await asyncio.sleep(0.5)
+    assert len(both) == 2 and both[0] == old_ids[0], both
+    report = await _finish_rotation(deployment, canary, writes, stop_writes, 120)
+    new_ids = bundle_key_ids((await deployment.ckecli("ca", "get", "server")).stdout)
+    assert new_ids == (both[1],), (new_ids, both)
+    # Every member serves a certificate from the new CA...
+    for address in addresses:
+        served = parse_certificate(
+            (await _served(address, 2379, contexts[2379])).public_bytes(Encoding.PEM)
+        )
+        assert served.issuer_key_id == new_ids[0], address
+    # ... which a client that trusts only the old CA refuses.
+    issued = json.loads((await deployment.ckecli("etcd", "root-issue")).stdout)
+    stale = Etcd3Client(
+        [endpoint(addresses[0])],
+        ca_cert=old.encode(),
+        cert_key=issued["private_key"].encode(),
+        cert_chain=issued["certificate"].encode(),
+    )
+    try:
+        await stale.connect()
+        assert stale.kv is not None
+        with pytest.raises(Exception):  # noqa: B017 - refused at the TLS layer, any shape
+            await stale.kv.put("/canary-server-ca/stale", b"x", timeout=3)
+    finally:
+        await stale.close()
+    print(
+        f"server CA rotation under writes: {len(report.acked)}/{report.attempts} writes "
+        f"acked, longest write outage {report.longest_outage:.2f}s"
+    )
