@@ -42,14 +42,18 @@ class RiversKind:
     listen_port: int
     upstream_port: int
     control_planes_only: bool
+    # /metrics and /health, on the listen host (loopback): not CKE's (its rivers has none).
+    metrics_port: int
 
     def params(self, cluster: Cluster) -> ServiceParams:
         options = cluster.options
         return options.etcd_rivers if self.service == ETCD_RIVERS else options.rivers
 
 
-RIVERS_KIND = RiversKind(RIVERS, 16443, 6443, control_planes_only=False)
-ETCD_RIVERS_KIND = RiversKind(ETCD_RIVERS, 12379, 2379, control_planes_only=True)
+RIVERS_KIND = RiversKind(RIVERS, 16443, 6443, control_planes_only=False, metrics_port=16444)
+ETCD_RIVERS_KIND = RiversKind(
+    ETCD_RIVERS, 12379, 2379, control_planes_only=True, metrics_port=12380
+)
 KINDS = (RIVERS_KIND, ETCD_RIVERS_KIND)
 
 
@@ -80,10 +84,12 @@ def rivers_spec(
     kind: RiversKind, node: Node, upstreams: Sequence[str], cluster: Cluster, app: bytes
 ) -> ServiceSpec:
     params = kind.params(cluster)
+    host = listen_host(node)
     args = (
-        f"--listen={listen_host(node)}:{kind.listen_port}",
+        f"--listen={host}:{kind.listen_port}",
         "--upstreams=" + ",".join(_host_port(a, kind.upstream_port) for a in sorted(upstreams)),
-        *params.extra_args,
+        f"--metrics={host}:{kind.metrics_port}",
+        *params.extra_args,  # after ours: an extra --metrics replaces it
     )
     return ServiceSpec(
         kind.service,

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import aiohttp
 import pytest
 from etcd3aio import Etcd3Client, prefix_range_end
 
@@ -175,6 +176,21 @@ async def test_every_node_runs_rivers_and_control_planes_run_etcd_rivers(
         if node.address in cps:
             wanted["etcd-rivers"] = "current"
         assert rivers[node.address] == wanted, rivers
+    # Each proxy serves /health and /metrics next to its listener (loopback).
+    for node in bed.nodes:
+        kinds = [RIVERS_KIND, ETCD_RIVERS_KIND] if node.address in cps else [RIVERS_KIND]
+        for kind in kinds:
+            base = f"http://{node.address}:{kind.metrics_port}"
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            ):
+                async with session.get(f"{base}/health") as resp:
+                    # etcd-rivers has healthy upstreams; rivers' apiservers do not exist
+                    # here, and its /health says so.
+                    wanted = 200 if kind is ETCD_RIVERS_KIND else 503
+                    assert resp.status == wanted, (node.address, kind.service)
+                async with session.get(f"{base}/metrics") as resp:
+                    assert "rivers_upstream_healthy" in await resp.text()
     text = (await deployment.ckecli("status")).stdout
     assert f"{bed.nodes[0].address}: etcd-rivers current, rivers current" in text
     # Real traffic through etcd-rivers, TLS from the client to the member.

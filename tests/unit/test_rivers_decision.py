@@ -449,6 +449,7 @@ def test_rivers_spec() -> None:
     assert spec.args == (
         "--listen=127.0.0.1:16443",
         "--upstreams=10.0.0.1:6443,10.0.0.2:6443,10.0.0.3:6443",
+        "--metrics=127.0.0.1:16444",  # on the listen host: loopback
         "--check-interval=5s",
     )
     assert spec.env == (("Y", "2"), ("Z", "1"))
@@ -459,6 +460,7 @@ def test_rivers_spec() -> None:
     assert spec.args == (
         "--listen=127.0.0.2:12379",
         "--upstreams=10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379",
+        "--metrics=127.0.0.2:12380",
         "--dial-timeout=3s",
     )
     assert spec.env == (("X", "3"),)
