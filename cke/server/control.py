@@ -211,9 +211,7 @@ class Server:
         self.sabakan = sabakan
         self._cluster: Cluster | None = None
         self._cluster_revision = 0
-        self._last_certs: dict[
-            str, tuple[Mapping[str, CertInfo], Mapping[str, tuple[str, ...]]]
-        ] = {}
+        self._last_certs: dict[str, tuple[Mapping[str, CertInfo], Mapping[str, Trusted]]] = {}
         self.stop_requested = asyncio.Event()
         self._wake = asyncio.Event()
         if vault is not None:
