@@ -132,6 +132,16 @@ class Deployment:
             stdin=text.encode(),
         )
 
+    async def bootstrap(
+        self, control_planes: Sequence[BedNode], workers: Sequence[BedNode] = ()
+    ) -> None:
+        """``setup``, then the cluster, then wait until its etcd is complete."""
+        await self.setup()
+        result = await self.set_cluster(control_planes, workers)
+        if result.returncode != 0:
+            raise RuntimeError(f"ckecli cluster set: {result.stderr.strip()}")
+        await self.wait_for("completed", timeout=120, voters=len(control_planes))
+
     async def status(self) -> dict[str, object]:
         result = await self.ckecli("status", "-o", "json")
         if result.returncode != 0:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,7 +47,6 @@ REQUESTED = "requested"
 TRUST_BOTH = "trust-both"
 REISSUE = "reissue"
 DROP_OLD = "drop-old"
-STAGES = (REQUESTED, TRUST_BOTH, REISSUE, DROP_OLD)
 NEXT_STAGE = {REQUESTED: TRUST_BOTH, TRUST_BOTH: REISSUE, REISSUE: DROP_OLD, DROP_OLD: "done"}
 Stage = Literal["requested", "trust-both", "reissue", "drop-old"]
 
@@ -280,10 +279,3 @@ class CARotationOp(StepOperator):
         self.ca = name
         self.stage = stage
         super().__init__("ca-rotation", [name], [AdvanceCARotation(name, stage)])
-
-
-def rotation_views(
-    records: Mapping[str, RotationRecord],
-) -> dict[str, str]:
-    """CA name -> stage, for ``PKIStatus.rotations``."""
-    return {name: r.stage for name, r in sorted(records.items())}

@@ -83,11 +83,6 @@ def first_expiry(ns: NodeStatus) -> tuple[str, CertInfo] | None:
     return min(ns.certs.items(), key=lambda item: (item[1].not_after, item[0]))
 
 
-def trust_matches(ns: NodeStatus, wanted: Mapping[str, tuple[str, ...]]) -> bool:
-    """The node's trust bundles hold exactly the wanted CAs (file stem -> key ids)."""
-    return all(tuple(ns.trusted.get(stem, ())) == ids for stem, ids in wanted.items())
-
-
 def _ago(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 120:

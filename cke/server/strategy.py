@@ -168,6 +168,7 @@ class _Etcd:
         # Entries that reach one machine are left alone (one-entry-per-machine).
         self.same_machine = same_machine_addresses(status)
         self.trust = status.pki.trust
+        self._rivers_digests: dict[tuple[str, str, tuple[str, ...]], str] = {}
         self.blocks = _Blocks()
 
     # -- node state --------------------------------------------------------
@@ -510,8 +511,17 @@ class _Etcd:
         st = ns.services.get(kind.service)
         if st is None or not st.running:
             return "stopped"
-        want = rivers_spec(kind, node, upstreams, self.cluster, self.status.rivers_app).digest()
-        return "current" if st.digest == want else "outdated"
+        return "current" if st.digest == self.rivers_digest(kind, node, upstreams) else "outdated"
+
+    def rivers_digest(self, kind: RiversKind, node: Node, upstreams: list[str]) -> str:
+        """The digest a node's proxy must run with; computed once per decision (it hashes
+        the rivers app, and the status, the rule and the step all ask for it)."""
+        key = (kind.service, node.address, tuple(upstreams))
+        digest = self._rivers_digests.get(key)
+        if digest is None:
+            spec = rivers_spec(kind, node, upstreams, self.cluster, self.status.rivers_app)
+            digest = self._rivers_digests[key] = spec.digest()
+        return digest
 
     def rivers_outdated_nodes(self) -> list[str]:
         """Reachable nodes whose running rivers or etcd-rivers forward to an old list."""

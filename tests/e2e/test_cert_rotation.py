@@ -63,10 +63,7 @@ async def deployment(bed: TestBed) -> AsyncIterator[Deployment]:
         certs_gc_interval=f"{GC_INTERVAL:.0f}s",
         extra=("--cert-ttl", f"{LEAF_TTL:.0f}s", "--ca-rotation-grace", "15s"),
     )
-    await d.setup()
-    result = await d.set_cluster(bed.nodes)
-    assert result.returncode == 0, result.stderr
-    await d.wait_for("completed", timeout=120, voters=3)
+    await d.bootstrap(bed.nodes)
     try:
         yield d
     finally:

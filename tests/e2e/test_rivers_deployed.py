@@ -54,10 +54,7 @@ async def deployment(bed: TestBed) -> AsyncIterator[Deployment]:
         interval=f"{INTERVAL:.0f}s",
         extra=("--max-concurrent-updates", str(MAX_CONCURRENT_UPDATES)),
     )
-    await d.setup()
-    result = await d.set_cluster(bed.nodes[:3], bed.nodes[3:])
-    assert result.returncode == 0, result.stderr
-    await d.wait_for("completed", timeout=120, voters=3)
+    await d.bootstrap(bed.nodes[:3], bed.nodes[3:])
     try:
         yield d
     finally:
