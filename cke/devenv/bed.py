@@ -12,9 +12,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from cke.devenv.etcd import EtcdCluster
-from cke.devenv.nodes import Node, pick_node_subnet, run_local
+from cke.devenv.nodes import Node, ProcessNode, SystemdNode, pick_node_subnet, run_local
 from cke.devenv.pki import DevCA
 from cke.devenv.vault import VaultServer
 from cke.nodes.ssh import CommandResult
@@ -26,6 +27,9 @@ class BedConfig:
     etcd_tls: bool = True
     vault: bool = True
     nodes: int = 3
+    # "process": a mount namespace with sshd (fast; no systemd). "systemd": a container
+    # booting systemd as PID 1 (systemd-nspawn), for ``runtime: systemd`` and reboots.
+    node_kind: Literal["process", "systemd"] = "process"
     # Loopback /24 prefix for node addresses (``127.0.1``); None picks a free random one.
     node_subnet: str | None = None
     base_dir: Path | None = None
@@ -78,8 +82,9 @@ class TestBed:
             await self._make_ssh_key()
             public = Path(f"{self.ssh_key_path}.pub").read_text()
             prefix = pick_node_subnet(self.config.nodes, preferred=self.config.node_subnet)
+            kind = SystemdNode if self.config.node_kind == "systemd" else ProcessNode
             self.nodes = [
-                Node(f"node{i}", f"{prefix}.{i}", self.base_dir / "nodes" / f"node{i}", public)
+                kind(f"node{i}", f"{prefix}.{i}", self.base_dir / "nodes" / f"node{i}", public)
                 for i in range(1, self.config.nodes + 1)
             ]
             starts = [self.etcd.start(), *(n.start() for n in self.nodes)]

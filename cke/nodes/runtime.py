@@ -107,9 +107,15 @@ class ServiceSpec:
     # start but are not part of the digest: a change of them does not make a running
     # service outdated.
     start_args: tuple[str, ...] = ()
+    # A path without which the service must not start on its own (systemd's Restart= or
+    # a boot): etcd's member directory. A member whose data was lost must not come back
+    # with its old identity; only cke starts it again (from nothing, with start_args).
+    requires_path: str | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
+        if self.requires_path is not None:
+            _check_abs_path(self.requires_path, "requires_path")
         # The cluster validator applies the same checks (cke.common.fields), so a stored
         # cluster never gets here with a value that raises.
         problem = binary_path_problem(self.binary)
@@ -129,13 +135,16 @@ class ServiceSpec:
             raise ValueError(f"{self.name}: a file path is given twice")
 
     def _canonical(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "name": self.name,
             "binary": self.binary,
             "args": list(self.args),
             "env": [[k, v] for k, v in self.env],
             "files": [f.summary() for f in self.files],
         }
+        if self.requires_path is not None:
+            record["requires_path"] = self.requires_path
+        return record
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the spec, with files as (path, mode, sha256)."""
@@ -566,17 +575,29 @@ class SystemdRuntime(Runtime):
             for arg in (spec.binary, *spec.args, *spec.start_args)
         ]
         env = [f"Environment={systemd_quote(f'{k}={v}', exec_line=False)}" for k, v in spec.env]
+        conditions = []
+        if spec.requires_path is not None:
+            # Either triggering condition ("|") lets it start: the path exists, or cke's
+            # start script left its one-time permission for a start from nothing.
+            conditions = [
+                f"ConditionPathExists=|{path}"
+                for path in (spec.requires_path, self.first_start_path(spec.name))
+            ]
         return "\n".join(
             [
                 "[Unit]",
                 f"Description=cke {spec.name}",
+                *conditions,
                 "",
                 "[Service]",
                 "Type=simple",
                 *env,
                 f"ExecStart={' '.join(words)}",
+                # systemd brings a crashed service back within a second, before cke's
+                # next status round; after 5 quick failures it gives up (start limit) and
+                # cke's next start reports the journal.
                 "Restart=always",
-                "RestartSec=5",
+                "RestartSec=1",
                 "",
                 "[Install]",
                 "WantedBy=multi-user.target",
@@ -584,8 +605,15 @@ class SystemdRuntime(Runtime):
             ]
         )
 
+    @staticmethod
+    def first_start_path(name: str) -> str:
+        return f"{RUN_DIR}/{name}.first-start"
+
     def _names_sh(self, name: str) -> str:
-        return f"cke_unit={_q(self.unit_name(name))}\ncke_spec={_q(spec_path(name))}"
+        return (
+            f"cke_unit={_q(self.unit_name(name))}\ncke_spec={_q(spec_path(name))}\n"
+            f"cke_first={_q(self.first_start_path(name))}"
+        )
 
     def start_script(self, spec: ServiceSpec) -> bytes:
         return _script(
@@ -604,17 +632,34 @@ fi
             r"""
 systemctl daemon-reload || cke_die "systemctl daemon-reload failed"
 systemctl enable --quiet "$cke_unit" || cke_die "cannot enable $cke_unit"
+# A unit that hit its start limit refuses to start until its failure is reset.
+systemctl reset-failed "$cke_unit" 2>/dev/null
+""",
+            self._first_start_sh(spec),
+            r"""
 systemctl restart "$cke_unit" || cke_die "cannot restart $cke_unit"
 sleep """
             + _SETTLE_SECONDS
             + r"""
 cke_state=$(systemctl show --property=ActiveState --value "$cke_unit")
+rm -f -- "$cke_first"
 if [ "$cke_state" != active ]; then
 	echo "cke: $cke_unit is $cke_state right after start; journal:" >&2
 	journalctl --unit="$cke_unit" --lines=20 --no-pager >&2
 	exit 1
 fi
 """,
+        )
+
+    def _first_start_sh(self, spec: ServiceSpec) -> str:
+        """Permit this one start from nothing when the required path is missing."""
+        if spec.requires_path is None:
+            return ""
+        return (
+            f"if [ ! -e {_q(spec.requires_path)} ]; then\n"
+            '\tmkdir -p -- "$(dirname -- "$cke_first")" && : >"$cke_first" ||'
+            ' cke_die "cannot write $cke_first"\n'
+            "fi"
         )
 
     def stop_script(self, name: str, timeout: float = 20.0) -> bytes:

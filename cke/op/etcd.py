@@ -124,6 +124,7 @@ def etcd_service_spec(
         spec_args.env,
         files=trust_files(trust),
         start_args=initial,
+        requires_path=f"{ETCD_DATA_DIR}/member",
     )
 
 

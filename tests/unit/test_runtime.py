@@ -327,7 +327,7 @@ def test_systemd_unit_text_is_exact() -> None:
         'ExecStart="/usr/local/bin/etcd" "--name" "node 1" "say \\"hi\\"" "cost=$$HOME" '
         '"100%%" "back\\\\slash" "it\'s" "line\\nbreak" \\; ""\n'
         "Restart=always\n"
-        "RestartSec=5\n"
+        "RestartSec=1\n"
         "\n"
         "[Install]\n"
         "WantedBy=multi-user.target\n"
