@@ -1,6 +1,6 @@
 """``make demo``: the embedded default, in the foreground.
 
-Starts cke's own etcd, an OpenBao server and five sshd nodes; sets Vault up with
+Starts cke's own etcd, an OpenBao server and five nodes that boot systemd; sets Vault up with
 ``ckecli vault init``; starts sabakan with every node registered and its state setter
 probing them; starts three ``cke`` replicas with the sabakan integration enabled, so
 that cke generates a cluster with three control planes; waits until the managed etcd is
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cke.devenv.bed import BedConfig, TestBed
 from cke.devenv.deploy import Deployment
+from cke.devenv.nodes import SystemdNode
 from cke.devenv.sabakan import Inventory, enable_integration, start_inventory
 
 
@@ -25,6 +26,7 @@ async def _demo(args: argparse.Namespace) -> int:
     config = BedConfig(
         etcd_members=args.etcd_members,
         nodes=args.nodes,
+        node_kind=args.node_kind,
         node_subnet=args.node_subnet,
         base_dir=Path(args.dir) if args.dir else None,
     )
@@ -80,13 +82,23 @@ async def _demo(args: argparse.Namespace) -> int:
 def _how_to_watch(bed: TestBed, inventory: Inventory, ckecli: str) -> str:
     node = bed.nodes[0]
     sabakan = f"curl -s {inventory.sabakan.url}/api/v1/machines"
-    return "\n".join(
-        [
-            "",
+    if isinstance(node, SystemdNode):
+        crash = [
+            f"crash a node as a power loss would ({node.name}: kill its PID 1, a container):",
+            f"  kill -9 {node.init_pid}",
+            f"(or reboot it: ssh into {node.name} as below and run systemctl reboot)",
+        ]
+    else:
+        crash = [
             f"crash a node as a power loss would ({node.name}: every process of it):",
             f"  ns=$(readlink /proc/$(cat {node.directory}/sshd.pid)/ns/mnt); "
             'for p in /proc/[0-9]*; do [ "$(readlink $p/ns/mnt)" = "$ns" ] '
             "&& kill -9 ${p#/proc/}; done",
+        ]
+    return "\n".join(
+        [
+            "",
+            *crash,
             "then watch sabakan mark it unreachable and cke replace it:",
             f"  {sabakan}   (sabactl --server {inventory.sabakan.url} machines get)",
             f"  {ckecli} status",
@@ -99,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cke.devenv", description=__doc__)
     parser.add_argument("--etcd-members", type=int, default=1, choices=(1, 3))
     parser.add_argument("--nodes", type=int, default=5)
+    parser.add_argument(
+        "--node-kind",
+        choices=("systemd", "process"),
+        default="systemd",
+        help="systemd: containers booting systemd, cke's runtime: systemd (default); "
+        "process: plain sshd namespaces, runtime: process (no systemd-nspawn needed)",
+    )
     parser.add_argument("--control-planes", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=3, help="cke replicas")
     parser.add_argument("--bed-only", action="store_true", help="start the bed, nothing else")

