@@ -692,6 +692,9 @@ class SystemdNode(Node):
             with contextlib.suppress(TimeoutError):
                 await self._stopped(30)
         await self.crash()
+        # nspawn's (empty) mount-propagation directory on the host, left after a power cut.
+        with contextlib.suppress(OSError):
+            os.rmdir(f"/run/systemd/nspawn/propagate/{self.machine}")
 
     async def _stopped(self, timeout: float) -> None:
         if self._supervisor is not None:

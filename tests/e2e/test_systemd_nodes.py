@@ -175,3 +175,4 @@ async def test_nothing_of_a_node_is_left_after_the_bed_stops(bed_factory: BedFac
     assert not any(pid_alive(p) for p in pids)
     mounts = Path(f"/proc/{os.getpid()}/mountinfo").read_text()
     assert root not in mounts
+    assert not Path(f"/run/systemd/nspawn/propagate/{node.machine}").exists()
