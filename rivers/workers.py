@@ -189,7 +189,10 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 code = await proc.wait()
-            clean &= code == 0
+            # A worker that dies of SIGTERM got it before it set its handler (once set, it
+            # drains and exits 0): it was still starting and had nothing to drain. Under
+            # systemd a stop right after a start does this (every process gets SIGTERM).
+            clean &= code in (0, -signal.SIGTERM)
         for task in self._tasks:
             task.cancel()
         return clean
@@ -237,6 +240,13 @@ async def serve_worker(proxy: Proxy, listen_fds: list[int], control_fd: int, ind
 
     control = asyncio.create_task(answer())
     await stop.wait()
+    # One signal is enough. Under systemd (KillMode=control-group) and on a Ctrl-C, a
+    # worker gets it twice: from the sender and forwarded by the main process. The
+    # second must not kill the worker once it has drained and its loop has restored
+    # SIG_DFL: it would exit by SIGTERM, and the main process report an unclean stop.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
     if orphaned:
         log.error("main process gone, worker exiting", worker=index)
         return 1

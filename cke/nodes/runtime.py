@@ -53,6 +53,10 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 # How long a started process must stay alive before start counts as a success.
 _SETTLE_SECONDS = "0.3"
 _HEREDOC_END = "CKE_EOF_7f3a"
+# The systemd runtime's status line for the node itself, and the states in which units
+# start and stop on their own (a boot, a shutdown): cke leaves such a node alone.
+_SYSTEM_MARK = b"cke-system-state="
+_SETTLING_STATES = frozenset({"initializing", "starting", "stopping"})
 
 
 def _check_name(name: str) -> None:
@@ -381,6 +385,11 @@ class Runtime(ABC):
             raise ValueError(f"status output has no line for {', '.join(missing)}")
         return states
 
+    def settling(self, status_output: bytes) -> str | None:
+        """The node's state if it is booting or shutting down (services come and go on
+        their own then), from a status script's output; None when it is settled."""
+        return None
+
     def remove_path_script(self, path: str) -> bytes:
         """``rm -rf`` of a data directory under /var/lib/cke/ (ValueError for any other)."""
         if (
@@ -681,11 +690,21 @@ fi
 """,
         )
 
+    def settling(self, status_output: bytes) -> str | None:
+        for line in status_output.splitlines():
+            if line.startswith(_SYSTEM_MARK):
+                state = line[len(_SYSTEM_MARK) :].strip().decode(errors="replace")
+                return state if state in _SETTLING_STATES else None
+        return None
+
     def status_script(self, names: Sequence[str]) -> bytes:
         _check_names(names)
         lines = [f"cke_status {_q(n)} {_q(self.unit_name(n))} {_q(spec_path(n))}" for n in names]
         return _script(
             _SH_LIB,
+            # systemd's own view of the node: "starting" while it boots, "stopping" while
+            # it shuts down (is-system-running exits non-zero for both: ignore that).
+            f'echo "{_SYSTEM_MARK.decode()}$(systemctl is-system-running 2>/dev/null)"',
             r"""
 cke_status() {
 	cke_show=$(systemctl show --property=ActiveState,MainPID "$2" 2>/dev/null) || cke_show=

@@ -107,6 +107,17 @@ async def collect_node(pool: NodePool, runtime: Runtime, node: Node) -> NodeStat
             stderr=result.stderr.decode(errors="replace")[:200],
         )
         return NodeStatus(node.address, ssh_ok=False)
+    settling = runtime.settling(result.stdout)
+    if settling is not None:
+        # Booting or shutting down: systemd starts and stops its services right now, and
+        # an operation of ours would race it (a start during a shutdown fails, one during
+        # a boot is not needed). Treat it as unreachable for this round.
+        log.info(
+            "node is booting or shutting down: no operation on it",
+            node=node.address,
+            state=settling,
+        )
+        return NodeStatus(node.address, ssh_ok=False)
     lines = result.stdout.splitlines()
     has_data = any(line.strip() == _DATA_MARK + b"1" for line in lines)
     body = b"\n".join(line for line in lines if not line.startswith(_MARKS))

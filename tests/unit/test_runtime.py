@@ -426,3 +426,26 @@ def test_a_required_path_gates_systemd_starts_but_not_cke_first_start() -> None:
     assert "cke_first=/var/lib/cke/run/etcd.first-start\n" in text
     with pytest.raises(ValueError, match="requires_path"):
         dataclasses.replace(SPEC, requires_path="relative/member")
+
+
+@pytest.mark.parametrize(
+    ("state", "settling"),
+    [
+        ("starting", "starting"),
+        ("initializing", "initializing"),
+        ("stopping", "stopping"),
+        ("running", None),
+        ("degraded", None),
+        ("", None),
+    ],
+)
+def test_systemd_status_says_when_the_node_boots_or_shuts_down(
+    state: str, settling: str | None
+) -> None:
+    rt = SystemdRuntime()
+    script = rt.status_script(["etcd"]).decode()
+    assert 'echo "cke-system-state=$(systemctl is-system-running 2>/dev/null)"' in script
+    output = f'cke-system-state={state}\n{{"service":"etcd","running":false}}\n'.encode()
+    assert rt.settling(output) == settling
+    assert rt.parse_status(output, ["etcd"])["etcd"].running is False
+    assert ProcessRuntime().settling(output) is None  # no systemd: never settling
