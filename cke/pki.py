@@ -280,7 +280,7 @@ class CertIssuer:
                 data["certificate"], data["private_key"], data["issuing_ca"], data["serial_number"]
             )
 
-        return await self.vault.call(issue)
+        return await self.vault.call(issue, write=True)
 
     @staticmethod
     def _node_names(address: str, hostname: str) -> tuple[list[str], list[str]]:
@@ -375,6 +375,6 @@ class CertIssuer:
                     mount_point=mount,
                 )
 
-            await self.vault.call(tidy)
+            await self.vault.call(tidy, write=True)
             tidied.append(ca.mount)
         return tidied

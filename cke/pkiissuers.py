@@ -219,7 +219,7 @@ async def ensure_issuer(
             _write_default(client, mount, before)
         return created
 
-    return await vault.call(ensure)
+    return await vault.call(ensure, write=True)
 
 
 async def set_default_issuer(vault: Vault, mount: str, issuer_id: str) -> None:
@@ -232,4 +232,4 @@ async def set_default_issuer(vault: Vault, mount: str, issuer_id: str) -> None:
         if current != issuer_id:
             _write_default(client, mount, issuer_id)
 
-    await vault.call(set_default)
+    await vault.call(set_default, write=True)

@@ -30,12 +30,15 @@ from pydantic import (
     field_validator,
 )
 
+from cke.common.election import LeaseFence
 from cke.common.etcd import format_validation_error
 from cke.common.logs import get_logger
 
 log = get_logger("cke.vault")
 
 T = TypeVar("T")
+# Seconds one Vault request may take (hvac's timeout).
+REQUEST_TIMEOUT = 10.0
 
 
 class VaultError(Exception):
@@ -163,7 +166,9 @@ class Vault:
             verify = path
         elif os.environ.get("VAULT_CACERT"):
             verify = os.environ["VAULT_CACERT"]
-        self.hvac = hvac.Client(url=endpoint, token=token, verify=verify, timeout=10)  # type: ignore[no-untyped-call]
+        self.hvac = hvac.Client(url=endpoint, token=token, verify=verify, timeout=REQUEST_TIMEOUT)  # type: ignore[no-untyped-call]
+        # cke's leader sets it (through VaultSession): writes need a valid lease.
+        self.fence: LeaseFence | None = None
 
     @property
     def ca_file(self) -> str | None:
@@ -175,8 +180,15 @@ class Vault:
             self._cleanup()
         self._ca_file = None
 
-    async def call(self, fn: Callable[[hvac.Client], T]) -> T:
-        """Run ``fn(hvac_client)`` in a thread, mapping errors to VaultUnavailable/Refused."""
+    async def call(self, fn: Callable[[hvac.Client], T], *, write: bool = False) -> T:
+        """Run ``fn(hvac_client)`` in a thread, mapping errors to VaultUnavailable/Refused.
+
+        ``write=True`` marks a request that changes Vault (issuing, tidying, issuers): it
+        is refused (NotLeader) when a fence is set and the leader's lease is not known
+        valid for the request's timeout.
+        """
+        if write and self.fence is not None:
+            self.fence.check(REQUEST_TIMEOUT, f"write to Vault at {self.endpoint}")
         try:
             return await asyncio.to_thread(fn, self.hvac)
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -250,6 +262,8 @@ class VaultSession:
         self.state = "not configured"
         self.renewals = 0
         self.logins = 0
+        # Given to every client: cke's leader fences its Vault writes with its lease.
+        self.fence: LeaseFence | None = None
 
     @property
     def ready(self) -> bool:
@@ -318,6 +332,7 @@ class VaultSession:
                 await asyncio.sleep(self.check_interval)
                 continue
             vault = Vault(config.endpoint, config.ca_cert)
+            vault.fence = self.fence
             try:
                 lease = await vault.login_approle(config.role_id, config.secret_id)
             except VaultError as exc:

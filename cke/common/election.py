@@ -39,14 +39,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from etcd3aio import Etcd3Client, EtcdError, SortOrder, SortTarget, prefix_range_end
 from etcd3aio._protobuf import Compare
 
 from cke.common.logs import error_line, get_logger
-from cke.storage import LeaderKey
+from cke.storage import LeaderKey, NotLeader
 
-__all__ = ["Election", "LeaderKey", "LeadershipLost", "fence"]
+__all__ = ["Election", "LeaderKey", "LeadershipLost", "LeaseFence", "fence"]
 
 _EVENT_DELETE = 1
 # Renewal period floor, and the pause before campaigning again after an error.
@@ -94,6 +95,9 @@ class Election:
         self.lost = asyncio.Event()
         self.lost_reason = ""
         self.leader_key: LeaderKey | None = None
+        # Monotonic time until which the lease is known to exist: the last good renewal's
+        # send time (or the grant's) plus the TTL. 0 when lost.
+        self._valid_until = 0.0
         self._lease_id: int | None = None
         self._key: bytes | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -102,6 +106,13 @@ class Election:
     @property
     def renew_interval(self) -> float:
         return max(self.ttl / 3, MIN_RENEW_INTERVAL)
+
+    def valid_for(self) -> float:
+        """Seconds the lease is still known to exist on this process's monotonic clock
+        (0 once lost). A paused process reads the truth the moment it runs again."""
+        if self.lost.is_set():
+            return 0.0
+        return max(0.0, self._valid_until - time.monotonic())
 
     async def candidates(self) -> list[tuple[bytes, int, str]]:
         """(key, create revision, name) of every candidate, the leader first."""
@@ -142,6 +153,7 @@ class Election:
         asked = time.monotonic()  # the lease cannot expire before asked + ttl
         grant = await self.client.lease.grant(ttl=self.ttl, timeout=self.timeout)
         self._lease_id = int(grant.ID)
+        self._valid_until = asked + self.ttl
         self._key = self.prefix + f"{self._lease_id:016x}".encode()
         self._tasks = [asyncio.create_task(self._keep_alive(asked), name="lease-keepalive")]
         await self.client.kv.put(self._key, self.name, lease=self._lease_id, timeout=self.timeout)
@@ -220,6 +232,7 @@ class Election:
                 self._declare_lost("lease renewal came too late")
                 return
             last_sent = sent
+            self._valid_until = sent + self.ttl
 
     async def _watch_own_key(self, revision: int) -> None:
         assert self.client.watch is not None and self._key is not None
@@ -230,6 +243,7 @@ class Election:
                     return
 
     def _declare_lost(self, reason: str) -> None:
+        self._valid_until = 0.0
         if not self.lost.is_set():
             self.lost_reason = reason
             if self.leader_key is not None:
@@ -330,3 +344,47 @@ class Election:
         if exc is not None:
             raise exc
         raise RuntimeError("the leader's work ended")
+
+
+class LeaseClock(Protocol):
+    def valid_for(self) -> float:
+        """Seconds the lease is still known to exist (``Election.valid_for``)."""
+        ...
+
+
+class LeaseFence:
+    """The fence in front of everything a leader does outside etcd: SSH commands to nodes
+    and Vault writes (its etcd writes are fenced by :func:`fence`).
+
+    A leader paused in the middle of an operation (SIGSTOP, a VM freeze) resumes with
+    its next command ready to go; etcd would refuse its next write, but a node or Vault
+    would not. So before each such request, ``check`` requires the lease to be known
+    valid (``Election.valid_for``) for at least ``min(needed, margin)`` seconds more,
+    and raises NotLeader otherwise. ``margin`` is a third of the TTL: a healthy leader
+    renews every third of the TTL, so it always has two thirds left, and one renewal
+    may come late before anything is refused. A request already under way is not cut
+    short (killing a remote script half-way does more harm than letting it finish).
+    Until ``arm``-ed with a won election, and after ``disarm``, everything is refused.
+    """
+
+    def __init__(self, margin: float) -> None:
+        self.margin = margin
+        self._election: LeaseClock | None = None
+
+    def arm(self, election: LeaseClock) -> None:
+        self._election = election
+
+    def disarm(self) -> None:
+        self._election = None
+
+    def check(self, needed: float, what: str) -> None:
+        """Raise NotLeader unless the lease is known valid for ``min(needed, margin)``."""
+        election = self._election
+        remaining = election.valid_for() if election is not None else 0.0
+        required = min(needed, self.margin)
+        if remaining < required:
+            raise NotLeader(
+                f"refusing to {what}: the leader lease is known valid for "
+                f"{remaining:.1f}s more, less than the {required:.1f}s required "
+                "(paused, cut off or no longer leading)"
+            )

@@ -137,7 +137,9 @@ class Node:
                 "StrictModes no",
                 "MaxSessions 64",
                 "MaxStartups 100:30:200",
-                "LogLevel INFO",
+                # VERBOSE: one "Starting session: command ... port N" line per command,
+                # so a test can tell which client sent what.
+                "LogLevel VERBOSE",
                 "Subsystem sftp internal-sftp",
                 "",
             ]

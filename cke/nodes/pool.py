@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from cke.cluster import Node
+from cke.common import failpoints
+from cke.common.election import LeaseFence
 from cke.common.logs import get_logger
 from cke.nodes.ssh import (
     CommandResult,
@@ -48,6 +50,8 @@ class NodePool:
         self.updates = asyncio.Semaphore(update_concurrency)
         self._conns: dict[str, tuple[str, str, NodeConnection]] = {}
         self.mismatched: set[str] = set()
+        # cke's leader sets it: no command leaves unless the lease is known valid.
+        self.fence: LeaseFence | None = None
 
     async def _host_key(self, node: Node) -> str:
         if node.host_key:
@@ -95,12 +99,16 @@ class NodePool:
     ) -> CommandResult:
         """Run one command; ``update=True`` counts against ``--max-concurrent-updates``."""
         gate = self.updates if update else self.reads
+        limit = timeout or self.command_timeout
         async with gate:
             conn = await self.connection(node)
+            if update:
+                failpoints.stop_at(f"stop-before-update:{node.address}")
+            if self.fence is not None:
+                # The last moment before the command leaves: after every wait above.
+                self.fence.check(limit, f"send a command to {node.address}")
             try:
-                result = await conn.run(
-                    command, input=input, timeout=timeout or self.command_timeout
-                )
+                result = await conn.run(command, input=input, timeout=limit)
             except HostKeyMismatch:
                 if node.address not in self.mismatched:
                     log.error(

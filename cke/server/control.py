@@ -29,6 +29,7 @@ from cke.cluster import (
     constraints_from_json,
     validate_cluster,
 )
+from cke.common.election import LeaseFence
 from cke.common.logs import error_line, get_logger
 from cke.nodes.runtime import runtime_for
 from cke.op.base import OpContext
@@ -214,6 +215,12 @@ class Server:
         self._last_certs: dict[str, tuple[Mapping[str, CertInfo], Mapping[str, Trusted]]] = {}
         self.stop_requested = asyncio.Event()
         self._wake = asyncio.Event()
+        # Nothing leaves for a node or Vault unless the lease is known valid.
+        self.fence = LeaseFence(margin=session_ttl / 3)
+        if infra is not None:
+            infra.pool.fence = self.fence
+        if vault is not None:
+            vault.fence = self.fence
         if vault is not None:
             vault.ready_listeners.append(self._wake.set)
 
@@ -223,6 +230,7 @@ class Server:
             election = Election(self.client, self.storage, self.name, self.session_ttl)
             try:
                 leader = await until(election.campaign(), self.stop_requested)
+                self.fence.arm(election)
                 self.metrics.leader.set(1)
                 await until(self.lead(leader), self.stop_requested, election.lost)
             except Stopped:
@@ -243,6 +251,7 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop_requested.wait(), 2.0)
             finally:
+                self.fence.disarm()
                 was_leader = election.leader_key is not None
                 self.metrics.leader.set(0)
                 await election.resign()

@@ -67,10 +67,26 @@ def _interpreter() -> str:
     return str(system)
 
 
+# Where the project and its dependencies are installed on the admin hosts. Not their
+# host paths: a checkout under /tmp (CI's clone) would be hidden from the units by
+# PrivateTmp=, as any program installed under /tmp would be.
+INSTALL_SOURCE = "/opt/cke-py/src"
+INSTALL_SITE = "/opt/cke-py/site-packages"
+
+
+def install_binds(bin_dir: Path) -> list[Bind]:
+    """The entry points on /usr/local/bin, the source and the dependencies under /opt."""
+    return [
+        Bind(str(bin_dir), "/usr/local/bin"),
+        Bind(str(REPO), INSTALL_SOURCE),
+        Bind(sysconfig.get_paths()["purelib"], INSTALL_SITE),
+    ]
+
+
 def write_entry_points(directory: Path) -> None:
     """``/usr/local/bin/{cke,sabakan,rivers}``: what ``[project.scripts]`` names them."""
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    path = ":".join([str(REPO), sysconfig.get_paths()["purelib"]])
+    path = f"{INSTALL_SOURCE}:{INSTALL_SITE}"
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
     for name in PROGRAMS:
@@ -244,7 +260,7 @@ async def hosts() -> AsyncIterator[AdminHosts]:
                 f"{prefix}.{i}",
                 bed.base_dir / "admin" / f"cke{i}",
                 public_key,
-                binds=[Bind(str(bin_dir), "/usr/local/bin")],
+                binds=install_binds(bin_dir),
             )
             for i in (1, 2, 3)
         ]
