@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import grpc
+import grpc.aio
 from etcd3aio import Etcd3Client, EtcdError, PermissionType, prefix_range_end
 
 from cke.common.logs import get_logger
@@ -28,6 +30,20 @@ class EtcdCredentials:
     server_ca: bytes  # CA of the members' serving certificates (cke/ca-server)
     cert: bytes = field(repr=False)
     key: bytes = field(repr=False)
+
+
+def _channel_of(client: Etcd3Client) -> grpc.aio.Channel | None:
+    # etcd3aio keeps its one gRPC channel private; its connectivity is all we read.
+    channel = getattr(client, "_channel", None)
+    return channel if isinstance(channel, grpc.aio.Channel) else None
+
+
+async def _until_not_ready(channel: grpc.aio.Channel, address: str) -> str:
+    state = grpc.ChannelConnectivity.READY
+    while state == grpc.ChannelConnectivity.READY:
+        await channel.wait_for_state_change(state)
+        state = channel.get_state()
+    return address
 
 
 def endpoint(address: str, port: int = 2379) -> str:
@@ -68,6 +84,31 @@ class EtcdAdmin:
         await c.connect()
         self._clients[address] = (creds, c)
         return c
+
+    async def wait_for_a_drop(self, addresses: Iterable[str]) -> str:
+        """Wait until the connection to one of these members drops; return its address.
+
+        A cheap watch, no request: each member's gRPC channel (kept open by ``status``)
+        changes its connectivity state the moment the member's process dies (its kernel
+        closes the socket), so a killed member is noticed in milliseconds instead of at
+        the next ``--interval``. A member whose channel is not connected now is not
+        watched (it is down already, or was not asked yet); returns never if none is.
+        """
+        watches = []
+        for address in sorted(set(addresses)):
+            cached = self._clients.get(address)
+            channel = _channel_of(cached[1]) if cached is not None else None
+            if channel is not None and channel.get_state() == grpc.ChannelConnectivity.READY:
+                watches.append(asyncio.create_task(_until_not_ready(channel, address)))
+        if not watches:
+            await asyncio.Event().wait()  # nothing to watch: until cancelled
+        try:
+            done, _ = await asyncio.wait(watches, return_when=asyncio.FIRST_COMPLETED)
+            return done.pop().result()
+        finally:
+            for task in watches:
+                task.cancel()
+            await asyncio.gather(*watches, return_exceptions=True)
 
     async def close(self) -> None:
         for _, c in self._clients.values():

@@ -346,6 +346,9 @@ class Election:
         raise RuntimeError("the leader's work ended")
 
 
+_fence_log = get_logger("cke.fence")
+
+
 class LeaseClock(Protocol):
     def valid_for(self) -> float:
         """Seconds the lease is still known to exist (``Election.valid_for``)."""
@@ -383,8 +386,11 @@ class LeaseFence:
         remaining = election.valid_for() if election is not None else 0.0
         required = min(needed, self.margin)
         if remaining < required:
-            raise NotLeader(
+            message = (
                 f"refusing to {what}: the leader lease is known valid for "
                 f"{remaining:.1f}s more, less than the {required:.1f}s required "
                 "(paused, cut off or no longer leading)"
             )
+            # Said here, once: the caller may be cancelled before it can report it.
+            _fence_log.error(message)
+            raise NotLeader(message)

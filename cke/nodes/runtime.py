@@ -57,6 +57,10 @@ _HEREDOC_END = "CKE_EOF_7f3a"
 # start and stop on their own (a boot, a shutdown): cke leaves such a node alone.
 _SYSTEM_MARK = b"cke-system-state="
 _SETTLING_STATES = frozenset({"initializing", "starting", "stopping"})
+# A unit on its way between states (systemd's auto-restart wait, a stop in progress):
+# an operation now would race systemd or cancel the job of whoever asked for it.
+_UNIT_MARK = b"cke-unit-transition="
+_UNIT_TRANSITIONS = frozenset({"activating", "deactivating", "reloading", "refreshing"})
 
 
 def _check_name(name: str) -> None:
@@ -386,8 +390,9 @@ class Runtime(ABC):
         return states
 
     def settling(self, status_output: bytes) -> str | None:
-        """The node's state if it is booting or shutting down (services come and go on
-        their own then), from a status script's output; None when it is settled."""
+        """Why the node's services are changing on their own right now (a boot, a
+        shutdown, a unit starting or stopping), from a status script's output; None
+        when they are settled."""
         return None
 
     def remove_path_script(self, path: str) -> bytes:
@@ -694,7 +699,14 @@ fi
         for line in status_output.splitlines():
             if line.startswith(_SYSTEM_MARK):
                 state = line[len(_SYSTEM_MARK) :].strip().decode(errors="replace")
-                return state if state in _SETTLING_STATES else None
+                if state in _SETTLING_STATES:
+                    return state
+            elif line.startswith(_UNIT_MARK):
+                unit, _, state = (
+                    line[len(_UNIT_MARK) :].strip().decode(errors="replace").partition(":")
+                )
+                if state in _UNIT_TRANSITIONS:
+                    return f"{unit} {state}"
         return None
 
     def status_script(self, names: Sequence[str]) -> bytes:
@@ -710,7 +722,11 @@ cke_status() {
 	cke_show=$(systemctl show --property=ActiveState,MainPID "$2" 2>/dev/null) || cke_show=
 	cke_r=false
 	cke_p=
-	if [ "$(echo "$cke_show" | sed -n 's/^ActiveState=//p')" = active ]; then
+	cke_a=$(echo "$cke_show" | sed -n 's/^ActiveState=//p')
+	case $cke_a in
+	activating | deactivating | reloading | refreshing) echo "cke-unit-transition=$2:$cke_a" ;;
+	esac
+	if [ "$cke_a" = active ]; then
 		cke_r=true
 		cke_p=$(echo "$cke_show" | sed -n 's/^MainPID=//p')
 		[ "$cke_p" = 0 ] && cke_p=

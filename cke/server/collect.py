@@ -109,11 +109,12 @@ async def collect_node(pool: NodePool, runtime: Runtime, node: Node) -> NodeStat
         return NodeStatus(node.address, ssh_ok=False)
     settling = runtime.settling(result.stdout)
     if settling is not None:
-        # Booting or shutting down: systemd starts and stops its services right now, and
-        # an operation of ours would race it (a start during a shutdown fails, one during
-        # a boot is not needed). Treat it as unreachable for this round.
+        # Booting, shutting down, or a unit starting or stopping: systemd changes its
+        # services right now, and an operation of ours would race it (a start during a
+        # shutdown fails, one during a boot or an auto-restart is not needed, a restart
+        # during someone's stop cancels their job). Treat it as unreachable this round.
         log.info(
-            "node is booting or shutting down: no operation on it",
+            "node is settling: no operation on it this round",
             node=node.address,
             state=settling,
         )

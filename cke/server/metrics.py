@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cke.server.phases import ALL_PHASES
 
@@ -61,6 +61,12 @@ class ServerMetrics:
             "cke_certificate_expiry_timestamp_seconds",
             'Unix time when each certificate cke manages expires (node "": cke\'s own)',
             ["node", "certificate"],
+            registry=self.registry,
+        )
+        self.status_collection = Histogram(
+            "cke_status_collection_seconds",
+            "Time the leader took to collect the status of every node (SSH) and of etcd",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 15, 30, 60),
             registry=self.registry,
         )
         for p in ALL_PHASES:

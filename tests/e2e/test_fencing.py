@@ -123,7 +123,7 @@ async def test_a_paused_leader_sends_nothing_when_it_resumes(bed: TestBed) -> No
         # And it was the lease check that stopped the command, at the last moment.
         refusal = f"refusing to send a command to {joiner.address}"
         line = next((x for x in paused.log().splitlines() if refusal in x), "")
-        assert "stepping down" in line, paused.log()[-3000:]
+        assert "logger=cke.fence" in line, paused.log()[-3000:]
         assert "leader lease is known valid for 0.0s more" in line
 
         records = {

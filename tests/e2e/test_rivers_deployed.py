@@ -231,6 +231,13 @@ async def test_client_through_etcd_rivers_while_members_die_and_are_replaced(
         assert etcd_pid is not None
         os.kill(etcd_pid, signal.SIGKILL)
         await _wait_running(n2, "etcd", etcd_pid, 60)
+        # The leader noticed the dropped connection itself, without waiting an interval.
+        noticed = [
+            line
+            for line in deployment.replicas[0].log().splitlines()
+            if "etcd member connection dropped; deciding now" in line
+        ]
+        assert any(f"member={n2.address}" in line for line in noticed), noticed
         await deployment.wait_for("completed", timeout=60, voters=3)
         # A control plane replaced: n5 in, n3 out (it stays a worker).
         result = await deployment.set_cluster([n1, n2, n5], [n3, n4])

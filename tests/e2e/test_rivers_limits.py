@@ -257,6 +257,7 @@ async def test_stalled_readers_memory_is_bounded_and_given_back(tmp_path: Path) 
     chunk = os.urandom(64 << 10)
     stop = asyncio.Event()
     stalled = 0
+    ended: list[str] = []  # floods that ended otherwise: finished or cut off, and how
     all_stalled = asyncio.Event()
 
     async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -268,10 +269,14 @@ async def test_stalled_readers_memory_is_bounded_and_given_back(tmp_path: Path) 
             for _ in range(1024):
                 writer.write(chunk)
                 await asyncio.wait_for(writer.drain(), 1)
+            ended.append("sent 64 MiB without stalling")
         except TimeoutError:
             stalled += 1
             if stalled >= STALLED_CLIENTS:
                 all_stalled.set()
+        except OSError as exc:
+            ended.append(f"{type(exc).__name__}")
+            raise
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 30)
 
@@ -292,6 +297,14 @@ async def test_stalled_readers_memory_is_bounded_and_given_back(tmp_path: Path) 
                 await asyncio.wait_for(loop.sock_connect(sock, (LOOPBACK, rivers.port)), 5)
                 _, writer = await asyncio.open_connection(sock=sock)
                 clients.append(writer)
+                # One at a time: rivers has dialled the upstream for this client before
+                # the next connects (200 dials at once can overflow the listen backlog
+                # of the test's busy loop and time out in rivers, ending floods unseen).
+                for _ in range(200):  # 10 s
+                    if upstream.accepted >= len(clients):
+                        break
+                    await asyncio.sleep(0.05)
+                assert upstream.accepted >= len(clients), "rivers did not dial the upstream"
 
             # Before a flood stalls, rivers' kernel buffers fill (about 5 MB per
             # connection, 1 GB in all): 5 s on a quiet machine. This waits for
@@ -300,7 +313,10 @@ async def test_stalled_readers_memory_is_bounded_and_given_back(tmp_path: Path) 
             # had stalled; 90 s is 1 GB at 11 MB/s.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(all_stalled.wait(), 90)
-            assert stalled >= STALLED_CLIENTS, f"{stalled} of {STALLED_CLIENTS} floods stalled"
+            assert stalled >= STALLED_CLIENTS, (
+                f"{stalled} of {STALLED_CLIENTS} floods stalled; {len(ended)} ended otherwise: "
+                f"{sorted(set(ended))}"
+            )
             peak = baseline
             for _ in range(5):
                 peak = max(peak, vm_rss_mib(rivers.pid))

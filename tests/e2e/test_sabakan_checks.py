@@ -100,11 +100,14 @@ class HealthServer:
 
 
 # The command check: fails while <dir>/<serial>.fail exists; while <serial>.flap
-# exists it fails and succeeds in turn (a counter file), one call per round.
+# exists it fails and succeeds in turn (a counter file), one call per round. The counter
+# is replaced by a rename: the test reads it while the setter runs the check, and a
+# file truncated by ">" reads empty for an instant (that once failed the test).
 CHECK_SCRIPT = (
     'if [ -e "$1.fail" ]; then exit 1; fi; '
     'if [ -e "$1.flap" ]; then n=$(cat "$1.count" 2>/dev/null || echo 0); '
-    'echo $((n + 1)) > "$1.count"; test $((n % 2)) -eq 1; exit; fi; '
+    'echo $((n + 1)) > "$1.count.tmp" && mv "$1.count.tmp" "$1.count"; '
+    "test $((n % 2)) -eq 1; exit; fi; "
     "exit 0"
 )
 

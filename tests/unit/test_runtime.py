@@ -449,3 +449,20 @@ def test_systemd_status_says_when_the_node_boots_or_shuts_down(
     assert rt.settling(output) == settling
     assert rt.parse_status(output, ["etcd"])["etcd"].running is False
     assert ProcessRuntime().settling(output) is None  # no systemd: never settling
+
+
+@pytest.mark.parametrize(
+    ("line", "settling"),
+    [
+        ("cke-unit-transition=cke-etcd.service:deactivating", "cke-etcd.service deactivating"),
+        ("cke-unit-transition=cke-etcd.service:activating", "cke-etcd.service activating"),
+        ("cke-unit-transition=cke-etcd.service:active", None),
+    ],
+)
+def test_a_unit_on_its_way_between_states_makes_the_node_settling(
+    line: str, settling: str | None
+) -> None:
+    rt = SystemdRuntime()
+    assert "cke-unit-transition=$2:$cke_a" in rt.status_script(["etcd"]).decode()
+    output = f'cke-system-state=running\n{line}\n{{"service":"etcd","running":false}}\n'
+    assert rt.settling(output.encode()) == settling
