@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: all setup system-deps lint format typecheck test test-unit test-e2e demo \
-        bench-rivers bench-sabakan bench-cke clean
+        bench-rivers bench-sabakan bench-cke bench-scale clean
 
 all: test
 
@@ -68,6 +68,9 @@ bench-sabakan: setup
 
 bench-cke: setup
 	$(PY) -m cke.bench
+
+bench-scale: setup
+	$(PY) -m cke.benchscale
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

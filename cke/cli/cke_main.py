@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import resource
 import signal
 import socket
 import sys
@@ -163,6 +164,18 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interva
     return 0
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one, as Go programs (CKE) do at start:
+    cke keeps one SSH connection per node, and systemd's default soft limit (1024) runs
+    out at about 1,000 nodes. Returns the (soft, hard) limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -190,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FlagError, ValueError) as exc:
         print(f"cke: {exc}", file=sys.stderr)
         return 2
+    raise_fd_limit()
     try:
         return asyncio.run(_serve(args, interval, round(ttl_seconds), gc_interval))
     except ConfigError as exc:

@@ -535,9 +535,18 @@ class SystemdNode(Node):
         """Run the container; boot it again when it exits asking for a reboot."""
         while self._wanted_up:
             started = asyncio.get_running_loop().time()
+            cgroups = _own_cgroups(self.machine)
+            # Enter the node's own cgroups, then become nspawn (same PID, in the ledger).
+            enter = 'for cg in "$@"; do [ "$cg" = -- ] && break; echo $$ > "$cg/cgroup.procs"; done'
             self._nspawn = ManagedProcess(
                 f"{self.name}/nspawn",
                 [
+                    "sh",
+                    "-c",
+                    f'{enter}; while [ "$1" != -- ]; do shift; done; shift; exec "$@"',
+                    "sh",
+                    *(str(cg) for cg in cgroups),
+                    "--",
                     "systemd-nspawn",
                     "--quiet",
                     "--register=no",
@@ -566,6 +575,7 @@ class SystemdNode(Node):
             self.exits.append(status)
             self._booted.clear()
             self.init_pid = None
+            _remove_cgroups(cgroups)
             if status != NSPAWN_REBOOT_STATUS:
                 self._wanted_up = False
 
@@ -719,6 +729,43 @@ class SystemdNode(Node):
                     if key in ("Rss", "Pss"):
                         totals[key.lower()] += int(value.split()[0]) * 1024
         return totals
+
+
+def _own_cgroups(machine: str) -> list[Path]:
+    """A cgroup of the node's own in each hierarchy systemd uses (created, empty).
+
+    systemd-nspawn with ``--keep-unit`` puts the container in ``payload/`` under the
+    cgroup it was started in. Started side by side from one cgroup, containers would
+    share it, and one container's systemd would remove the cgroups another one is
+    starting a unit in ("Failed at step CGROUP": a unit fails at random, the node boots
+    degraded). So each node starts from a cgroup of its own.
+    """
+    found = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "name=systemd":
+            root = Path("/sys/fs/cgroup/systemd")
+        elif controllers == "":
+            unified = Path("/sys/fs/cgroup/unified")
+            root = unified if unified.is_dir() else Path("/sys/fs/cgroup")
+        else:
+            continue
+        group = root / path.lstrip("/") / f"cke-node-{machine}"
+        group.mkdir(parents=True, exist_ok=True)
+        found.append(group)
+    return found
+
+
+def _remove_cgroups(groups: Sequence[Path]) -> None:
+    """Remove the node's (now empty) cgroups, innermost first."""
+    for group in groups:
+        if not group.is_dir():
+            continue
+        for sub in sorted((d for d in group.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
 
 def _children(pid: int) -> list[int]:
