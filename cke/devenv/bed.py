@@ -15,7 +15,13 @@ from types import TracebackType
 from typing import Literal
 
 from cke.devenv.etcd import EtcdCluster
-from cke.devenv.nodes import Node, ProcessNode, SystemdNode, pick_node_subnet, run_local
+from cke.devenv.nodes import (
+    Node,
+    ProcessNode,
+    SystemdNode,
+    make_ssh_key,
+    pick_node_subnet,
+)
 from cke.devenv.pki import DevCA
 from cke.devenv.vault import VaultServer
 from cke.nodes.ssh import CommandResult
@@ -62,20 +68,7 @@ class TestBed:
         return self.ssh_key_path.read_text()
 
     async def _make_ssh_key(self) -> None:
-        self.ssh_key_path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.ssh_key_path.exists():
-            await run_local(
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "cke-bed",
-                "-f",
-                str(self.ssh_key_path),
-            )
+        await make_ssh_key(self.ssh_key_path, "cke-bed")
 
     async def start(self) -> None:
         try:

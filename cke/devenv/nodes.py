@@ -77,6 +77,14 @@ async def run_local(*argv: str) -> None:
         raise RuntimeError(f"{shlex.join(argv)} failed: {out.decode(errors='replace').strip()}")
 
 
+async def make_ssh_key(path: Path, comment: str) -> None:
+    """An ed25519 key pair at ``path`` (and ``path.pub``) unless one is there already."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    await run_local("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path))
+
+
 class Node:
     """What every test-bed node has: an address served by its own sshd, and pinned keys.
 
@@ -106,21 +114,7 @@ class Node:
         return Path(f"{self.host_key_path}.pub").read_text().strip()
 
     async def _make_host_key(self) -> None:
-        if self.host_key_path.exists():
-            return
-        self.host_key_path.parent.mkdir(parents=True, exist_ok=True)
-        await run_local(
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            f"{self.name}-host",
-            "-f",
-            str(self.host_key_path),
-        )
+        await make_ssh_key(self.host_key_path, f"{self.name}-host")
 
     def sshd_config_text(self, host_key: str, authorized_keys: str, pid_file: str) -> str:
         return "\n".join(
@@ -641,18 +635,14 @@ class SystemdNode(Node):
             return
         await self.exec("systemctl", "stop", "ssh.service")
         for pid in self.processes():
-            with contextlib.suppress(OSError):
-                comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                if comm == "sshd" or comm.startswith("sshd-"):
+            comm = _comm(pid)
+            if comm == "sshd" or comm.startswith("sshd-"):
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
     @property
     def sshd_running(self) -> bool:
-        return any(
-            Path(f"/proc/{pid}/comm").read_text().strip() == "sshd"
-            for pid in self.processes()
-            if pid_alive(pid)
-        )
+        return any(_comm(pid) == "sshd" for pid in self.processes())
 
     async def reboot(self, timeout: float = 60.0) -> None:
         """``systemctl reboot`` inside; returns when the node is back and sshd answers."""
@@ -766,6 +756,14 @@ def _remove_cgroups(groups: Sequence[Path]) -> None:
                 sub.rmdir()
         with contextlib.suppress(OSError):
             group.rmdir()
+
+
+def _comm(pid: int) -> str:
+    """The process's command name ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _children(pid: int) -> list[int]:
