@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: all setup system-deps lint format typecheck test test-unit test-e2e demo \
-        bench-rivers bench-sabakan bench-cke bench-scale clean
+        bench-rivers bench-sabakan bench-cke bench-scale bench-backup clean
 
 all: test
 
@@ -71,6 +71,9 @@ bench-cke: setup
 
 bench-scale: setup
 	$(PY) -m cke.benchscale
+
+bench-backup: setup
+	$(PY) -m cke.benchbackup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

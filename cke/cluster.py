@@ -384,6 +384,7 @@ class Binaries(_Model):
 
     etcd: str = "/usr/local/bin/etcd"
     etcdctl: str = "/usr/local/bin/etcdctl"
+    etcdutl: str = "/usr/local/bin/etcdutl"  # restores a snapshot (ckecli etcd restore)
     rivers: str = "/usr/local/bin/rivers"
     kube_apiserver: str = Field(default="/usr/local/bin/kube-apiserver", alias="kube-apiserver")
     kube_controller_manager: str = Field(
@@ -1130,24 +1131,34 @@ def cluster_problems(cluster: Cluster) -> list[Problem]:
 
 
 # What cke stores and checks but does not act on: no Kubernetes runs here (no kube-*
-# components, kubelet, cluster DNS, node taints of control planes, reboots, repairs or
-# REST mappings; the sabakan generator has no Kubernetes taints to look at), no Docker
-# (bind mounts, volumes).  The arguments and environment of ``options.etcd``,
+# components, kubelet, cluster DNS, node taints of control planes, the drain settings
+# of reboots, repairs or REST mappings; the sabakan generator has no Kubernetes taints
+# to look at), no Docker (bind mounts, volumes).  The arguments and environment of ``options.etcd``,
 # ``options.rivers`` and ``options.etcd-rivers``, the etcd and rivers binaries, the nodes
 # and ``runtime`` drive what cke does.
 _INERT_TOP = (
     "taint_control_plane",
     "control_plane_tolerations",
     "dns_service",
-    "reboot",
     "repair",
     "sabakan",
     "trusted_rest_mappings",
 )
-_INERT_BINARIES = tuple(b for b in _BINARY_NAMES if b not in ("etcd", "etcdctl", "rivers"))
+_INERT_BINARIES = tuple(
+    b for b in _BINARY_NAMES if b not in ("etcd", "etcdctl", "etcdutl", "rivers")
+)
 _INERT_COMPONENTS = tuple(c for c in COMPONENTS if c not in ("etcd", "rivers", "etcd-rivers"))
 _INERT_RIVERS = ("extra_binds",)
 _INERT_ETCD = ("extra_binds", "volume_name")
+# The reboot queue uses the commands, their timeout and retries and the concurrency;
+# these drain Kubernetes nodes.
+_INERT_REBOOT = (
+    "eviction_timeout_seconds",
+    "evict_retries",
+    "evict_interval",
+    "protected_namespaces",
+    "protected_job_pods",
+)
 
 
 def _set_fields(model: BaseModel, keys: Iterable[str] | None, prefix: str) -> list[str]:
@@ -1166,6 +1177,7 @@ def _set_fields(model: BaseModel, keys: Iterable[str] | None, prefix: str) -> li
 def inert_fields(cluster: Cluster) -> list[str]:
     """The paths of the fields set (not at their default) that cke does not act on."""
     found = _set_fields(cluster, _INERT_TOP, "")
+    found += _set_fields(cluster.reboot, _INERT_REBOOT, "reboot.")
     found += _set_fields(cluster.binaries, _INERT_BINARIES, "binaries.")
     found += _set_fields(cluster.options.etcd, _INERT_ETCD, "options.etcd.")
     for rivers in ("rivers", "etcd-rivers"):

@@ -11,14 +11,15 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import grpc
 import grpc.aio
-from etcd3aio import Etcd3Client, EtcdError, PermissionType, prefix_range_end
+from etcd3aio import AlarmType, Etcd3Client, EtcdError, PermissionType, prefix_range_end
 
 from cke.common.logs import get_logger
-from cke.server.clusterstatus import EtcdMember, EtcdStatus
+from cke.server.clusterstatus import ALARM_NOSPACE, EtcdMember, EtcdStatus
 
 log = get_logger("cke.etcdadmin")
 
@@ -44,6 +45,23 @@ async def _until_not_ready(channel: grpc.aio.Channel, address: str) -> str:
         await channel.wait_for_state_change(state)
         state = channel.get_state()
     return address
+
+
+class MemberAnswer(NamedTuple):
+    """One member's maintenance Status."""
+
+    address: str
+    member_id: int
+    leader_id: int
+    raft_applied_index: int
+    db_size: int
+    db_size_in_use: int
+
+
+def _is_nospace_error(error: str) -> bool:
+    """etcd lists the cluster's alarms among every member's status errors
+    (``memberID:123 alarm:NOSPACE``): NOSPACE says nothing of this member's health."""
+    return error.strip().endswith("alarm:" + ALARM_NOSPACE)
 
 
 def endpoint(address: str, port: int = 2379) -> str:
@@ -110,28 +128,47 @@ class EtcdAdmin:
                 task.cancel()
             await asyncio.gather(*watches, return_exceptions=True)
 
+    async def _forget(self, address: str) -> None:
+        """Drop the client of a member that did not answer. Its gRPC channel would wait out
+        a reconnect backoff that grows to minutes while the member is down, failing every
+        request meanwhile: a member back up would look down for that long. A new client
+        dials at once."""
+        cached = self._clients.pop(address, None)
+        if cached is not None:
+            with contextlib.suppress(Exception):
+                await cached[1].close()
+
     async def close(self) -> None:
         for _, c in self._clients.values():
             with contextlib.suppress(Exception):
                 await c.close()
         self._clients.clear()
 
-    async def _member_status(self, address: str) -> tuple[str, int, int, int] | None:
-        """(address, member id, leader id, raft applied index) or None if it did not answer."""
+    async def _member_status(self, address: str) -> MemberAnswer | None:
+        """What the member says of itself, or None if it did not answer."""
         try:
             c = await self.client(address)
             assert c.maintenance is not None
             st = await c.maintenance.status(timeout=STATUS_TIMEOUT)
         except (EtcdError, OSError, TimeoutError):
+            await self._forget(address)
             return None
         except Exception as exc:  # one member's surprise must not hide the others
             log.warning(
                 "etcd member status failed", member=address, error=f"{type(exc).__name__}: {exc}"
             )
+            await self._forget(address)
             return None
-        if st.errors:
-            return None
-        return address, int(st.header.member_id), int(st.leader), int(st.raftAppliedIndex)
+        if not all(_is_nospace_error(e) for e in st.errors):
+            return None  # no leader, or an alarm other than NOSPACE (CORRUPT)
+        return MemberAnswer(
+            address,
+            int(st.header.member_id),
+            int(st.leader),
+            int(st.raftAppliedIndex),
+            int(st.dbSize),
+            int(st.dbSizeInUse),
+        )
 
     async def status(self, addresses: Iterable[str]) -> EtcdStatus:
         """Membership from any member that answers; health and raft index from each."""
@@ -168,9 +205,14 @@ class EtcdAdmin:
                     raft_index=answer[3] if answer else 0,
                     leader=mid == leader_id,
                     peer_urls=tuple(m.peerURLs),
+                    db_size=answer.db_size if answer else 0,
+                    db_size_in_use=answer.db_size_in_use if answer else 0,
                 )
             )
-        return EtcdStatus(reachable=True, members=tuple(members), leader_id=leader_id)
+        alarms = await self._alarms([a.address for a in alive.values()])
+        return EtcdStatus(
+            reachable=True, members=tuple(members), leader_id=leader_id, alarms=alarms
+        )
 
     async def _any(self, addresses: Iterable[str]) -> Etcd3Client:
         for address in sorted(set(addresses)):
@@ -191,7 +233,7 @@ class EtcdAdmin:
     async def _leader(self, via: Iterable[str]) -> Etcd3Client:
         """The client of the member that leads (according to the members asked)."""
         answers = [a for a in await asyncio.gather(*(self._member_status(x) for x in via)) if a]
-        for address, member_id, leader_id, _ in answers:
+        for address, member_id, leader_id, *_ in answers:
             if member_id == leader_id:
                 return await self.client(address)
         raise EtcdError("no etcd leader among " + ",".join(sorted(set(via))))
@@ -257,3 +299,63 @@ class EtcdAdmin:
         if user not in users:
             await c.auth.user_add(user, no_password=True, timeout=5)
             await c.auth.user_grant_role(user, user, timeout=5)
+
+    # -- hygiene: alarms, compaction, defragmentation ----------------------------------------
+
+    async def _alarms(self, addresses: Iterable[str]) -> tuple[tuple[int, str], ...]:
+        """The cluster's alarms from the first member that lists them (none when none do:
+        the status stays usable, and the next round asks again)."""
+        for address in sorted(set(addresses)):
+            try:
+                c = await self.client(address)
+                assert c.maintenance is not None
+                resp = await c.maintenance.alarms(timeout=STATUS_TIMEOUT)
+            except Exception as exc:
+                log.debug("etcd alarm list failed", member=address, error=str(exc))
+                continue
+            return tuple(sorted((int(a.memberID), _alarm_name(int(a.alarm))) for a in resp.alarms))
+        return ()
+
+    async def defragment(self, address: str, timeout: float) -> None:
+        """Defragment one member's backend (it serves nothing meanwhile)."""
+        c = await self.client(address)
+        assert c.maintenance is not None
+        await c.maintenance.defragment(timeout=timeout, max_attempts=1)
+
+    async def compact(self, via: Iterable[str], timeout: float) -> int:
+        """Compact the history up to the current revision (physically: freed pages are
+        free when this returns); returns that revision. Already compacted is fine."""
+        c = await self._any(via)
+        assert c.maintenance is not None and c.kv is not None
+        revision = int((await c.maintenance.status(timeout=STATUS_TIMEOUT)).header.revision)
+        try:
+            await c.kv.compact(revision, physical=True, timeout=timeout, max_attempts=1)
+        except (EtcdError, grpc.aio.AioRpcError) as exc:
+            # etcd3aio passes OUT_OF_RANGE ("required revision has been compacted") as is.
+            if "compacted" not in str(exc):
+                raise
+        return revision
+
+    async def disarm(self, via: Iterable[str], alarm: str) -> int:
+        """Deactivate every ``alarm`` listed (etcd deactivates one member's alarm per
+        request, as ``etcdctl alarm disarm`` does); returns how many were disarmed."""
+        c = await self._any(via)
+        assert c.maintenance is not None
+        listed = await c.maintenance.alarms(timeout=STATUS_TIMEOUT)
+        disarmed = 0
+        for a in listed.alarms:
+            kind = int(a.alarm)
+            if _alarm_name(kind) != alarm:
+                continue
+            await c.maintenance.alarm_deactivate(
+                AlarmType(kind), member_id=int(a.memberID), timeout=STATUS_TIMEOUT
+            )
+            disarmed += 1
+        return disarmed
+
+
+def _alarm_name(kind: int) -> str:
+    try:
+        return AlarmType(kind).name
+    except ValueError:
+        return str(kind)

@@ -15,7 +15,10 @@ All keys live under the configured prefix (default ``/cke/``), as in CKE's
 ``status``                 the leader's view: phase, timestamp, leader, blocked
 ``hostkeys/<address>``     pinned SSH host keys of nodes
 ``sabakan/…``              sabakan integration settings
-``reboots/…``, ``repairs/…`` the reboot and repair queues
+``reboots/data/<016x>``   reboot queue entries (JSON; cke/rebootqueue.py)
+``reboots/write-index``   the next reboot queue index (decimal)
+``reboots/disabled``      ``true``: the reboot queue is not processed
+``repairs/…``             the repair queue
 =========================  ====================================================
 
 Every write the leader makes goes through ``Storage.fenced`` with its
@@ -37,6 +40,7 @@ from etcd3aio import Etcd3Client, SortOrder, SortTarget, prefix_range_end
 from etcd3aio._protobuf import Compare, RequestOp
 
 from cke.common.logs import get_logger
+from cke.rebootqueue import EntryError, RebootEntry
 from cke.records import Record
 
 log = get_logger("cke.storage")
@@ -58,7 +62,11 @@ KEY_SABAKAN_TEMPLATE = "sabakan/template"
 KEY_SABAKAN_URL = "sabakan/url"
 KEY_SABAKAN_TLS = "sabakan/tls"
 KEY_REBOOTS_PREFIX = "reboots/"
+KEY_REBOOTS_DATA_PREFIX = "reboots/data/"
+KEY_REBOOTS_WRITE_INDEX = "reboots/write-index"
+KEY_REBOOTS_DISABLED = "reboots/disabled"
 KEY_REPAIRS_PREFIX = "repairs/"
+KEY_ETCD_RESTORE = "etcd-restore"  # ckecli's request to restore etcd from a snapshot
 
 DEFAULT_RECORD_LIMIT = 1000
 
@@ -317,9 +325,9 @@ class Storage:
             for kv in resp.kvs
         }
 
-    async def request_ca_rotation(self, name: str, value: str) -> bool:
-        """ckecli's request: write ``ca-rotation/<name>`` unless a rotation exists (False)."""
-        key = self.key(KEY_CA_ROTATION_PREFIX + name)
+    async def put_if_absent(self, name: str, value: str) -> bool:
+        """Write ``name`` unless it exists (False)."""
+        key = self.key(name)
         resp = await self.kv.txn(
             compare=[
                 Compare(result=Compare.EQUAL, target=Compare.CREATE, key=key, create_revision=0)
@@ -328,6 +336,10 @@ class Storage:
             timeout=self.timeout,
         )
         return bool(resp.succeeded)
+
+    async def request_ca_rotation(self, name: str, value: str) -> bool:
+        """ckecli's request: write ``ca-rotation/<name>`` unless a rotation exists (False)."""
+        return await self.put_if_absent(KEY_CA_ROTATION_PREFIX + name, value)
 
     async def fenced_update_ca_rotation(
         self, leader: LeaderKey, name: str, value: str, mod_revision: int
@@ -350,6 +362,27 @@ class Storage:
                 self.kv.txn_op_delete(key),
             ],
             [self._mod_revision_is(key, mod_revision)],
+        )
+
+    # -- restore after quorum loss (requested by ckecli, finished by the leader) ------------
+
+    async def get_restore_request(self) -> Versioned:
+        return await self.get(KEY_ETCD_RESTORE)
+
+    async def request_restore(self, value: str) -> bool:
+        """ckecli's request: write ``etcd-restore`` unless one is there (False)."""
+        return await self.put_if_absent(KEY_ETCD_RESTORE, value)
+
+    async def cancel_restore(self) -> bool:
+        """ckecli's cancel: delete the request (False: there was none)."""
+        resp = await self.kv.delete(self.key(KEY_ETCD_RESTORE), timeout=self.timeout)
+        return bool(resp.deleted)
+
+    async def fenced_finish_restore(self, leader: LeaderKey, mod_revision: int) -> bool:
+        """As the leader, delete the request it carried out (False: it changed meanwhile)."""
+        key = self.key(KEY_ETCD_RESTORE)
+        return await self.fenced(
+            leader, [self.kv.txn_op_delete(key)], [self._mod_revision_is(key, mod_revision)]
         )
 
     async def put_many(self, values: dict[str, str]) -> None:
@@ -478,3 +511,93 @@ class Storage:
 
     async def unfinished_records(self) -> list[Record]:
         return [r for r in await self.get_records(10) if r.status in ("new", "running")]
+
+    # -- the reboot queue (written by ckecli, processed by the leader) ----------------------
+
+    @staticmethod
+    def _reboot_key(index: int) -> str:
+        return KEY_REBOOTS_DATA_PREFIX + record_key_suffix(index)
+
+    async def get_reboot_entries(self) -> list[tuple[RebootEntry, int]]:
+        """Every entry with its mod revision, oldest first; unreadable ones are logged and
+        skipped (ckecli cancel-all still reaches them by key)."""
+        resp = await self._prefix_range(KEY_REBOOTS_DATA_PREFIX, SortOrder.ASCEND, SortTarget.KEY)
+        entries: list[tuple[RebootEntry, int]] = []
+        for kv in resp.kvs:
+            try:
+                entries.append((RebootEntry.from_json(kv.value), kv.mod_revision))
+            except EntryError as exc:
+                log.warning(
+                    "unreadable reboot queue entry skipped",
+                    key=kv.key.decode(errors="replace"),
+                    error=str(exc),
+                )
+        return entries
+
+    async def get_reboot_entry(self, index: int) -> tuple[RebootEntry | None, int]:
+        got = await self.get(self._reboot_key(index))
+        if got.value is None:
+            return None, 0
+        return RebootEntry.from_json(got.value), got.mod_revision
+
+    async def add_reboot_entries(self, addresses: Sequence[str]) -> list[RebootEntry]:
+        """Queue one entry per address and advance ``reboots/write-index``, atomically."""
+        for _ in range(10):
+            got = await self.get(KEY_REBOOTS_WRITE_INDEX)
+            text = got.value.decode(errors="replace").strip() if got.value is not None else "0"
+            if not text.isdecimal():
+                raise UnreadableValue(f"{KEY_REBOOTS_WRITE_INDEX}: not a decimal number")
+            first = int(text)
+            entries = [RebootEntry(first + i, a) for i, a in enumerate(addresses)]
+            ops = [
+                self.kv.txn_op_put(self.key(self._reboot_key(e.index)), e.to_json())
+                for e in entries
+            ]
+            ops.append(
+                self.kv.txn_op_put(self.key(KEY_REBOOTS_WRITE_INDEX), str(first + len(entries)))
+            )
+            resp = await self.kv.txn(
+                compare=[
+                    self._mod_revision_is(self.key(KEY_REBOOTS_WRITE_INDEX), got.mod_revision)
+                ],
+                success=ops,
+                timeout=self.timeout,
+            )
+            if resp.succeeded:
+                return entries
+        raise Conflict("the reboot queue kept changing; run the command again")
+
+    async def update_reboot_entry(self, entry: RebootEntry, mod_revision: int) -> bool:
+        """ckecli's change of an entry, if nobody changed or removed it since (False)."""
+        key = self.key(self._reboot_key(entry.index))
+        resp = await self.kv.txn(
+            compare=[self._mod_revision_is(key, mod_revision)],
+            success=[self.kv.txn_op_put(key, entry.to_json())],
+            timeout=self.timeout,
+        )
+        return bool(resp.succeeded)
+
+    async def fenced_update_reboot_entry(
+        self, leader: LeaderKey, entry: RebootEntry, mod_revision: int
+    ) -> bool:
+        """As the leader, change an entry unless it changed meanwhile (a cancel: False)."""
+        key = self.key(self._reboot_key(entry.index))
+        return await self.fenced(
+            leader,
+            [self.kv.txn_op_put(key, entry.to_json())],
+            [self._mod_revision_is(key, mod_revision)],
+        )
+
+    async def fenced_delete_reboot_entry(self, leader: LeaderKey, index: int) -> None:
+        """As the leader, remove an entry (done or cancelled)."""
+        key = self.key(self._reboot_key(index))
+        if not await self.fenced(leader, [self.kv.txn_op_delete(key)]):
+            raise NotLeader("reboot queue write refused")
+
+    async def reboot_queue_enabled(self) -> bool:
+        """False only when ``reboots/disabled`` is ``true`` (CKE's rule)."""
+        got = await self.get(KEY_REBOOTS_DISABLED)
+        return got.value is None or got.value.strip() != b"true"
+
+    async def set_reboot_queue_disabled(self, disabled: bool) -> None:
+        await self.put_setting(KEY_REBOOTS_DISABLED, "true" if disabled else "false")

@@ -18,9 +18,12 @@ from typing import Any
 
 import aiohttp
 
+from cke import __version__
 from cke.common.yamlfile import YAMLFileError, load_yaml
 
 DEFAULT_SERVER = "http://localhost:10080"
+# As upstream's (cobra's) version line.
+VERSION_LINE = f"sabactl version {__version__}"
 FILTERS = ("serial", "rack", "role", "labels", "ipv4", "ipv6", "bmc-type", "state")
 
 
@@ -35,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="CA certificate to verify an https server")
     p.add_argument("--tls-cert", help="client certificate (mutations over https)")
     p.add_argument("--tls-key", help="client certificate key")
+    p.add_argument("--version", action="version", version=VERSION_LINE)
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("version", help="print sabactl's version (as --version)")
     machines = sub.add_parser("machines", help="machine inventory")
     msub = machines.add_subparsers(dest="action", required=True)
     create = msub.add_parser("create", help="register machines from a JSON file")
@@ -203,6 +208,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "version":  # upstream's docs/sabactl.md; needs no server
+        print(VERSION_LINE)
+        return 0
     try:
         return asyncio.run(_run(args))
     except CLIError as exc:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import resource
 import signal
 import socket
 import sys
 from typing import NoReturn
 
+from cke.backup import add_backup_flags, backup_schedule
 from cke.common.durations import parse_duration
 from cke.common.etcd import ConfigError, authenticate, load_etcd_settings, make_client
 from cke.common.httpserver import parse_listen_address, start_http
 from cke.common.logs import get_logger, setup_logging
 from cke.sabakan.integration import Integrator
+from cke.server.clusterstatus import DEFAULT_DEFRAG_IN_USE_RATIO, DefragPolicy
 from cke.server.control import Server
 from cke.server.infra import Infrastructure
 from cke.server.metrics import ServerMetrics
@@ -76,10 +79,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=1 / 3,
         help="renew a certificate when this fraction of its lifetime is left (0 < f < 1)",
     )
+    p.add_argument(
+        "--etcd-defrag-min-db-size",
+        default="100MiB",
+        help="defragment an etcd member only when its database is at least this large "
+        "(bytes, or with KiB, MiB, GiB) (not CKE's)",
+    )
+    p.add_argument(
+        "--etcd-defrag-in-use-ratio",
+        type=float,
+        default=DEFAULT_DEFRAG_IN_USE_RATIO,
+        help="... and less than this fraction of it is in use (0 <= r <= 0.9; 0: never, "
+        "but to recover from NOSPACE) (not CKE's)",
+    )
+    add_backup_flags(p)
     p.add_argument("--loglevel", default="info")
     p.add_argument("--logformat", default="plain")
     p.add_argument("--logfile", default=None)
     return p
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_SIZE_RE = re.compile(r"([0-9]+)\s*(B|KiB|MiB|GiB)?")
+
+
+def parse_size(text: str, flag: str) -> int:
+    """A byte count: ``104857600``, ``100MiB``, ``2GiB``, ``512KiB``."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise FlagError(f"{flag}: not a size (bytes, or a number with KiB, MiB, GiB): {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
+
+
+def defrag_policy(args: argparse.Namespace) -> DefragPolicy:
+    ratio = args.etcd_defrag_in_use_ratio
+    if not 0 <= ratio <= 0.9:
+        raise FlagError(f"--etcd-defrag-in-use-ratio: must be between 0 and 0.9, got {ratio}")
+    return DefragPolicy(
+        parse_size(args.etcd_defrag_min_db_size, "--etcd-defrag-min-db-size"), ratio
+    )
 
 
 def parse_duration_or_flag_error(text: str, flag: str) -> float:
@@ -97,7 +135,13 @@ def _duration(args: argparse.Namespace, flag: str) -> float:
     return seconds
 
 
-async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interval: float) -> int:
+async def _serve(
+    args: argparse.Namespace,
+    interval: float,
+    ttl: int,
+    gc_interval: float,
+    defrag: DefragPolicy | None = None,
+) -> int:
     settings = load_etcd_settings(args.config)
     client = make_client(settings)
     await client.connect()
@@ -123,6 +167,7 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interva
         ttls=ttls,
         renew_fraction=args.cert_renew_fraction,
         rotation_grace=parse_duration(args.ca_rotation_grace),
+        defrag=defrag,
     )
     server = Server(
         client,
@@ -135,6 +180,7 @@ async def _serve(args: argparse.Namespace, interval: float, ttl: int, gc_interva
         gc_interval,
         infra,
         sabakan=Integrator(storage),
+        backups=backup_schedule(args),
     )
 
     async def health() -> tuple[bool, str]:
@@ -197,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_concurrent_updates < 1:
             raise FlagError("--max-concurrent-updates: must be at least 1")
         parse_listen_address(args.http, "--http")
+        backup_schedule(args)  # the --backup-* flags are good
+        defrag = defrag_policy(args)
         if not args.name:
             raise FlagError("--name: must not be empty")
         setup_logging(args.loglevel, args.logformat, args.logfile)
@@ -205,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     raise_fd_limit()
     try:
-        return asyncio.run(_serve(args, interval, round(ttl_seconds), gc_interval))
+        return asyncio.run(_serve(args, interval, round(ttl_seconds), gc_interval, defrag))
     except ConfigError as exc:
         print(f"cke: {exc}", file=sys.stderr)
         return 1

@@ -635,12 +635,9 @@ async def cmd_etcd_root_issue(storage: Storage, args: argparse.Namespace) -> Non
     await _issue_etcd(storage, "root", None, args.output)
 
 
-async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
-    problem = reserved_etcd_user_problem(args.user)
-    if problem is not None:
-        raise CLIError(f"USER: {problem}")
-    if not args.prefix.startswith("/"):
-        raise CLIError("PREFIX: must start with /")
+async def managed_etcd(storage: Storage) -> tuple[list[str], EtcdCredentials]:
+    """The control planes of the stored cluster and a 2-hour ``root`` client certificate
+    for their etcd (from Vault, as cke's own)."""
     current = await storage.get_cluster()
     if current.value is None:
         raise CLIError("no cluster configuration is stored yet")
@@ -657,9 +654,18 @@ async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
         raise CLIError(f"issue: {exc}") from exc
     finally:
         vault.close()
-    creds = EtcdCredentials(
+    return addresses, EtcdCredentials(
         server_ca.encode(), root.certificate.encode(), root.private_key.encode()
     )
+
+
+async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
+    problem = reserved_etcd_user_problem(args.user)
+    if problem is not None:
+        raise CLIError(f"USER: {problem}")
+    if not args.prefix.startswith("/"):
+        raise CLIError("PREFIX: must start with /")
+    addresses, creds = await managed_etcd(storage)
 
     async def credentials() -> EtcdCredentials:
         return creds
@@ -887,6 +893,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-output", choices=("json", "file"), default="json")
     p.add_argument("user")
     p.set_defaults(func=cmd_etcd_issue)
+    from cke.cli.backupcmd import add_backup_parsers  # here: backupcmd imports this module
+
+    add_backup_parsers(esub, _Parser)
+    from cke.cli.restorecmd import add_restore_parser  # here: restorecmd imports this module
+
+    add_restore_parser(esub)
 
     p = sub.add_parser("leader", help="print the current leader")
     reader(p)
@@ -906,6 +918,12 @@ def build_parser() -> argparse.ArgumentParser:
     reader(p)
     p.set_defaults(func=cmd_status)
     _add_sabakan_parser(sub, reader)
+    from cke.cli.sshcmd import add_ssh_parsers  # here: sshcmd imports this module
+
+    add_ssh_parsers(sub)
+    from cke.cli.rebootcmd import add_reboot_parsers  # here: rebootcmd imports this module
+
+    add_reboot_parsers(sub, _Parser)
     return parser
 
 
@@ -949,4 +967,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The importable module's main: commands kept in other modules (sshcmd, backupcmd)
+    # raise cke.cli.ckecli.CLIError, which ``python -m`` would otherwise load a second time
+    # as a class main() does not catch.
+    from cke.cli.ckecli import main as _main
+
+    sys.exit(_main())

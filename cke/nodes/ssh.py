@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncssh
@@ -52,11 +53,19 @@ def host_key_fingerprint(key: str) -> str:
     return f"SHA256:{digest}"
 
 
-async def fetch_host_key(target: NodeAddress, timeout: float = 10.0) -> str:
-    """Read the host key a node presents, in OpenSSH one-line form, without logging in."""
+async def fetch_host_key(
+    target: NodeAddress, timeout: float = 10.0, algorithms: Sequence[str] = ()
+) -> str:
+    """Read the host key a node presents, in OpenSSH one-line form, without logging in.
+
+    ``algorithms`` limits the host key algorithms offered (default: asyncssh's).
+    """
     try:
         key = await asyncio.wait_for(
-            asyncssh.get_server_host_key(target.address, target.port), timeout
+            asyncssh.get_server_host_key(
+                target.address, target.port, server_host_key_algs=tuple(algorithms)
+            ),
+            timeout,
         )
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         raise SSHError(f"{target}: cannot read host key: {exc}") from exc

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from etcd3aio import EtcdError
 
 from cke.cluster import Cluster, Node
+from cke.common.logs import get_logger
 from cke.etcdadmin import EtcdAdmin
 from cke.nodes.pool import NodePool
 from cke.nodes.runtime import NodeFile, Runtime, ServiceSpec, spec_path
-from cke.op.base import Commander, CommandInfo, OpContext, Operator
+from cke.op.base import Commander, CommandInfo, OpContext, Operator, Parallel
 from cke.pki import CertIssuer
-from cke.server.clusterstatus import EtcdMember, Trust
+from cke.server.clusterstatus import ALARM_NOSPACE, EtcdMember, Trust
+
+log = get_logger("cke.op.etcd")
 
 ETCD_SERVICE = "etcd"
 ETCD_DATA_DIR = "/var/lib/cke/etcd"
@@ -332,7 +335,9 @@ class WaitEtcdHealthy(_Command):
             if loop.time() > deadline:
                 missing = sorted(set(self.addresses) - healthy)
                 raise TimeoutError(f"etcd not healthy after {self.timeout:.0f}s: {missing}")
-            await asyncio.sleep(0.5)
+            # A status round is one request per member: cheap, and a member that just
+            # started answers within a fraction of a second.
+            await asyncio.sleep(0.1)
 
 
 class SetupEtcdAuth(_Command):
@@ -424,6 +429,67 @@ class RemoveMember(_Command):
         await tools(ctx).admin.member_remove(self.via, self.member.id)
 
 
+# A defragmentation copies the data in use into a new database file; its time grows with
+# the data (up to the quota: 2 GiB by default, 8 GiB at most recommended).
+DEFRAG_TIMEOUT = 600.0
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f}MiB"
+
+
+class DefragmentMember(_Command):
+    """Defragment one member's database (it serves no request meanwhile)."""
+
+    def __init__(self, member: EtcdMember, timeout: float = DEFRAG_TIMEOUT) -> None:
+        detail = (
+            f"db {_mib(member.db_size)}, in use {_mib(member.db_size_in_use)}"
+            if member.db_size
+            else ""
+        )
+        super().__init__("etcd-defragment", member.address, detail)
+        self.member = member
+        self.timeout = timeout
+
+    async def run(self, ctx: OpContext) -> None:
+        t = tools(ctx)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await t.admin.defragment(self.member.address, self.timeout)
+        log.info(
+            "defragmented etcd member",
+            member=self.member.address,
+            db_size=self.member.db_size,
+            db_size_in_use=self.member.db_size_in_use,
+            seconds=round(loop.time() - started, 3),
+        )
+
+
+class CompactEtcd(_Command):
+    """Compact the history up to the current revision (NOSPACE recovery only: watchers
+    older than that revision must start again)."""
+
+    def __init__(self, via: list[str], timeout: float = DEFRAG_TIMEOUT) -> None:
+        super().__init__("etcd-compact", ",".join(via), "to the current revision")
+        self.via = via
+        self.timeout = timeout
+
+    async def run(self, ctx: OpContext) -> None:
+        revision = await tools(ctx).admin.compact(self.via, self.timeout)
+        log.info("compacted etcd", revision=revision)
+
+
+class DisarmAlarm(_Command):
+    def __init__(self, via: list[str], alarm: str) -> None:
+        super().__init__("etcd-alarm-disarm", ",".join(via), alarm)
+        self.via = via
+        self.alarm = alarm
+
+    async def run(self, ctx: OpContext) -> None:
+        disarmed = await tools(ctx).admin.disarm(self.via, self.alarm)
+        log.info("disarmed etcd alarm", alarm=self.alarm, members=disarmed)
+
+
 async def run_script_on(pool: NodePool, node: Node, script: bytes) -> None:
     result = await pool.run(node, "sh -s", input=script, update=True)
     if not result.ok:
@@ -471,8 +537,8 @@ class EtcdBootstrapOp(StepOperator):
         addresses = [n.address for n in nodes]
         initial = initial_cluster_args([(n.name, n.address) for n in nodes], "new", cluster.name)
         steps: list[Commander] = [IssueEtcdCerts(nodes, bundle, trust)]
-        steps += [WriteEtcdCerts(n, bundle) for n in nodes]
-        steps += [StartEtcd(n, cluster, initial, trust) for n in nodes]
+        steps.append(Parallel([WriteEtcdCerts(n, bundle) for n in nodes]))
+        steps.append(Parallel([StartEtcd(n, cluster, initial, trust) for n in nodes]))
         steps += [WaitEtcdHealthy(addresses), SetupEtcdAuth(addresses)]
         super().__init__("etcd-bootstrap", addresses, steps)
 
@@ -485,8 +551,8 @@ class EtcdStartOp(StepOperator):
         self.cluster = cluster
         bundle = CertBundle()
         steps: list[Commander] = [IssueEtcdCerts(nodes, bundle, trust)]
-        for n in nodes:
-            steps += [WriteEtcdCerts(n, bundle), StartEtcd(n, cluster, trust=trust)]
+        steps.append(Parallel([WriteEtcdCerts(n, bundle) for n in nodes]))
+        steps.append(Parallel([StartEtcd(n, cluster, trust=trust) for n in nodes]))
         super().__init__("etcd-start", [n.address for n in nodes], steps)
 
 
@@ -616,3 +682,31 @@ class EtcdRenewCertsOp(StepOperator):
 
 # The trust bundles of a running member are its spec's business; renewal writes leaves only.
 _ALL_TRUST_IN_SPEC = Trust(bundles={ca: "" for _, ca in TRUST_BUNDLE_FILES})
+
+
+class EtcdDefragOp(StepOperator):
+    """Defragment one member whose database is fragmented, then wait until it answers
+    again; the decision takes the members one at a time, followers first."""
+
+    def __init__(self, member: EtcdMember, ask: list[str]) -> None:
+        self.member = member
+        steps: list[Commander] = [
+            DefragmentMember(member),
+            WaitEtcdHealthy([member.address], ask=ask),
+        ]
+        super().__init__("etcd-defrag", [member.address], steps)
+
+
+class EtcdNospaceRecoveryOp(StepOperator):
+    """The NOSPACE alarm is raised (writes are refused): compact the history to the
+    current revision, defragment every member given (in that order: followers first,
+    the leader last), waiting for each to answer before the next, then disarm."""
+
+    def __init__(self, members: list[EtcdMember], via: list[str]) -> None:
+        self.members = members
+        steps: list[Commander] = [CompactEtcd(via)]
+        for m in members:
+            others = [a for a in via if a != m.address]
+            steps += [DefragmentMember(m), WaitEtcdHealthy([m.address], ask=others)]
+        steps.append(DisarmAlarm(via, ALARM_NOSPACE))
+        super().__init__("etcd-nospace-recovery", [m.address for m in members], steps)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from cke.cluster import Cluster, Node, ServiceParams
 from cke.nodes.runtime import NodeFile, ServiceSpec
-from cke.op.base import Commander, OpContext
+from cke.op.base import Commander, OpContext, Parallel
 from cke.op.etcd import StepOperator, _Command, run_script_on, tools
 from rivers.zipapp import build_zipapp
 
@@ -136,7 +136,7 @@ class RiversStopOp(StepOperator):
     def __init__(self, kind: RiversKind, nodes: list[Node]) -> None:
         self.kind = kind
         self.nodes = nodes
-        steps: list[Commander] = [StopRivers(kind, n) for n in nodes]
+        steps: list[Commander] = [Parallel([StopRivers(kind, n) for n in nodes])]
         super().__init__(f"{kind.service}-stop", [n.address for n in nodes], steps)
 
 
@@ -159,6 +159,8 @@ class RiversOp(StepOperator):
         self.kind = kind
         self.nodes = nodes
         self.upstreams = list(upstreams)
-        steps: list[Commander] = [StartRivers(kind, n, upstreams, cluster, app) for n in nodes]
+        steps: list[Commander] = [
+            Parallel([StartRivers(kind, n, upstreams, cluster, app) for n in nodes])
+        ]
         name = f"{kind.service}-{'bootstrap' if bootstrap else 'restart'}"
         super().__init__(name, [n.address for n in nodes], steps)

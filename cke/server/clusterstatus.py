@@ -10,10 +10,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cke.certinfo import CertInfo
+from cke.rebootqueue import QueueStatus
+from cke.restore import RestoreRequest
 
 # A member whose raft applied index is within this many entries of the leader's
 # counts as in sync.
 IN_SYNC_LAG = 1000
+
+ALARM_NOSPACE = "NOSPACE"
+# Defragment a member whose database is at least this large...
+DEFAULT_DEFRAG_MIN_DB_SIZE = 100 * 1024 * 1024
+# ... and has less than this fraction of it in use.
+DEFAULT_DEFRAG_IN_USE_RATIO = 0.5
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,10 @@ class EtcdMember:
     raft_index: int = 0  # raft applied index reported by the member
     leader: bool = False
     peer_urls: tuple[str, ...] = ()
+    # The member's backend database (maintenance Status): its size, and the bytes in use
+    # (the rest is free pages left by compaction, which only a defragmentation returns).
+    db_size: int = 0
+    db_size_in_use: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,14 @@ class EtcdStatus:
     reachable: bool = False  # some member answered the membership query
     members: tuple[EtcdMember, ...] = ()
     leader_id: int | None = None
+    # The alarms raised in the cluster (maintenance alarm list): (member id, alarm name),
+    # e.g. (0x1234, "NOSPACE").
+    alarms: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def nospace(self) -> bool:
+        """The NOSPACE alarm is raised: the cluster refuses writes (reads and deletes pass)."""
+        return any(alarm == ALARM_NOSPACE for _, alarm in self.alarms)
 
     def member(self, address: str) -> EtcdMember | None:
         for m in self.members:
@@ -122,6 +142,24 @@ class PKIStatus:
 
 
 @dataclass(frozen=True)
+class DefragPolicy:
+    """When a member's database is fragmented enough to defragment (cke's
+    ``--etcd-defrag-min-db-size`` and ``--etcd-defrag-in-use-ratio``): at least
+    ``min_db_size`` bytes, of which less than ``in_use_ratio`` is in use. A ratio of 0
+    turns routine defragmentation off (NOSPACE recovery still defragments)."""
+
+    min_db_size: int = DEFAULT_DEFRAG_MIN_DB_SIZE
+    in_use_ratio: float = DEFAULT_DEFRAG_IN_USE_RATIO
+
+    def fragmented(self, member: EtcdMember) -> bool:
+        return (
+            member.db_size > 0
+            and member.db_size >= self.min_db_size
+            and member.db_size_in_use < self.in_use_ratio * member.db_size
+        )
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     nodes: Mapping[str, NodeStatus] = field(default_factory=dict)
     etcd: EtcdStatus = field(default_factory=EtcdStatus)
@@ -131,3 +169,12 @@ class ClusterStatus:
     # The rivers program cke ships to nodes (its zipapp); empty: none, and the decision
     # leaves rivers and etcd-rivers alone.
     rivers_app: bytes = field(default=b"", repr=False)
+    # The leader's defragmentation thresholds.
+    defrag: DefragPolicy = field(default_factory=DefragPolicy)
+    # A restore from a snapshot that ``ckecli etcd restore`` requested, if any, and why
+    # the leader cannot use its snapshot ("" when it can).
+    restore: RestoreRequest | None = None
+    restore_revision: int = 0  # the request's mod revision (it is deleted at that one)
+    restore_problem: str = ""
+    # The reboot queue (``ckecli reboot-queue``) and the boot checks of its nodes.
+    reboots: QueueStatus = field(default_factory=QueueStatus)

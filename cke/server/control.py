@@ -18,8 +18,9 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
-from etcd3aio import Etcd3Client, EtcdError
+from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 
+from cke.backup import BackupSchedule, run_scheduled
 from cke.certinfo import CertInfo
 from cke.cluster import (
     Cluster,
@@ -34,8 +35,11 @@ from cke.common.logs import error_line, get_logger
 from cke.nodes.runtime import runtime_for
 from cke.op.base import OpContext
 from cke.op.etcd import EtcdRenewCertsOp
+from cke.op.reboot import booted_nodes
 from cke.op.rivers import rivers_app
 from cke.pki import TIDY_SAFETY_BUFFER, CertIssuer
+from cke.rebootqueue import QueueStatus
+from cke.restore import RestoreError, SnapshotChecker, parse_request
 from cke.sabakan.integration import (
     RESULT_ERROR,
     RESULT_GENERATED,
@@ -56,6 +60,7 @@ from cke.server.strategy import Blocked, Decision, decide
 from cke.storage import (
     KEY_CLUSTER,
     KEY_CONSTRAINTS,
+    KEY_REBOOTS_PREFIX,
     LeaderKey,
     NotLeader,
     Status,
@@ -73,8 +78,19 @@ T = TypeVar("T")
 # Phases in which the world changes by itself (a member starting up, a learner
 # catching up): decide again soon rather than after the whole interval.
 RETRY_SOON_PHASES = frozenset(
-    {Phase.ETCD_WAIT, Phase.ETCD_BOOT_ABORTED, Phase.ETCD_MAINTAIN_ABORTED}
+    {Phase.ETCD_WAIT, Phase.ETCD_BOOT_ABORTED, Phase.ETCD_MAINTAIN_ABORTED, Phase.REBOOT}
 )
+# How soon: a started member answers within a fraction of a second, so the first retry
+# comes quickly; the wait doubles while the world stays unsettled, up to RETRY_SOON_MAX.
+RETRY_SOON_FIRST = 0.2
+RETRY_SOON_MAX = 2.0
+
+
+def retry_soon_wait(previous: float | None, interval: float) -> float:
+    """The wait before deciding again in a retry-soon phase, given the previous such wait
+    in a row (None: the first)."""
+    wait = RETRY_SOON_FIRST if previous is None else previous * 2
+    return min(wait, RETRY_SOON_MAX, interval)
 
 
 def report_host_key_mismatches(decision: Decision, status: ClusterStatus) -> Decision:
@@ -199,6 +215,7 @@ class Server:
         certs_gc_interval: float = 3600.0,
         infra: Infrastructure | None = None,
         sabakan: Integrator | None = None,
+        backups: BackupSchedule | None = None,
     ) -> None:
         self.client = client
         self.storage = storage
@@ -210,9 +227,11 @@ class Server:
         self.certs_gc_interval = certs_gc_interval
         self.infra = infra
         self.sabakan = sabakan
+        self.backups = backups  # --backup-interval and its flags (None: off)
         self._cluster: Cluster | None = None
         self._cluster_revision = 0
         self._last_certs: dict[str, tuple[Mapping[str, CertInfo], Mapping[str, Trusted]]] = {}
+        self._snapshots = SnapshotChecker()
         self.stop_requested = asyncio.Event()
         self._wake = asyncio.Event()
         # The members whose connections the leader watches (healthy at the last status),
@@ -269,8 +288,11 @@ class Server:
             self.infra.leader = leader
         await self.cancel_unfinished_records(leader)
         watcher = asyncio.create_task(self._watch_config())
+        reboots = asyncio.create_task(self._watch_reboot_queue())
         tidier = asyncio.create_task(self._tidy_certificates()) if self.vault else None
         members = asyncio.create_task(self._watch_members())
+        backups = asyncio.create_task(self._scheduled_backups()) if self.backups else None
+        retry_wait: float | None = None  # the last retry-soon wait in a row
         try:
             while True:
                 self._wake.clear()
@@ -294,21 +316,29 @@ class Server:
                         self.metrics.progressing.set(0)
                     outcome = "error" if record.error else "ok"
                     self.metrics.operations.labels(operator.name, outcome).inc()
+                    retry_wait = None
                     if record.error:
-                        # Let the world settle before deciding again (no hot loop).
+                        # Let the world settle before deciding again (no hot loop): a
+                        # failed step usually meets the same refusal for a few seconds
+                        # (etcd refuses a member add right after a restart), and each
+                        # attempt costs certificates and SSH commands.
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), min(self.interval, 2.0))
+                            await asyncio.wait_for(
+                                self._wake.wait(), min(self.interval, RETRY_SOON_MAX)
+                            )
                     continue
                 if decision.phase in RETRY_SOON_PHASES:
+                    retry_wait = retry_soon_wait(retry_wait, self.interval)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), min(self.interval, 2.0))
+                        await asyncio.wait_for(self._wake.wait(), retry_wait)
                     continue
+                retry_wait = None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.interval)
         finally:
             if self.infra is not None:
                 self.infra.leader = None
-            for task in (watcher, tidier, members):
+            for task in (watcher, reboots, tidier, members, backups):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -327,6 +357,19 @@ class Server:
                 log.warning("certificate tidy skipped; Vault unavailable", error=str(exc))
                 continue
             log.info("tidied certificates", mounts=mounts, safety_buffer=buffer)
+
+    async def _scheduled_backups(self) -> None:
+        """A backup of the managed etcd every ``--backup-interval`` (leader only; never
+        raises: a failure is logged and counted, see cke/backup.py)."""
+        if self.backups is None or self.infra is None:
+            return
+
+        def control_planes() -> list[str]:
+            return [n.address for n in self._cluster.control_planes] if self._cluster else []
+
+        await run_scheduled(
+            self.backups, self.infra.etcd_credentials, control_planes, self.metrics, self.fence
+        )
 
     async def cancel_unfinished_records(self, leader: LeaderKey) -> None:
         """A record left ``new`` or ``running`` belongs to a leader that died mid-way."""
@@ -422,7 +465,48 @@ class Server:
             pki=pki,
             max_concurrent_updates=self.infra.max_concurrent_updates,
             rivers_app=await asyncio.to_thread(rivers_app),
+            defrag=self.infra.defrag,
         )
+
+    async def with_restore_request(self, status: ClusterStatus) -> ClusterStatus:
+        """The restore ``ckecli etcd restore`` requested, if any, and whether its snapshot
+        can be read here and is the one ckecli checked."""
+        got = await self.storage.get_restore_request()
+        if got.value is None:
+            return status
+        try:
+            request = parse_request(got.value)
+        except RestoreError as exc:
+            log.error("ignored an unreadable restore request", error=str(exc))
+            return status
+        return dataclasses.replace(
+            status,
+            restore=request,
+            restore_revision=got.mod_revision,
+            restore_problem=await self._snapshots.problem(request),
+        )
+
+    async def with_reboot_queue(
+        self, cluster: Cluster | None, status: ClusterStatus
+    ) -> ClusterStatus:
+        """The reboot queue, and which of its rebooting nodes the boot check says booted."""
+        entries = await self.storage.get_reboot_entries()
+        enabled = await self.storage.reboot_queue_enabled()
+        names = {n.address: n.name for n in cluster.nodes} if cluster is not None else {}
+        self.metrics.set_reboot_queue(enabled, [e for e, _ in entries], names)
+        if not entries:
+            return status
+        booted: frozenset[str] = frozenset()
+        if cluster is not None and self.infra is not None:
+            booted = await booted_nodes(self.infra.pool, cluster, [e for e, _ in entries])
+        queue = QueueStatus(
+            entries=tuple(e for e, _ in entries),
+            revisions={e.index: revision for e, revision in entries},
+            enabled=enabled,
+            booted=booted,
+            now=dt.datetime.now(dt.UTC),
+        )
+        return dataclasses.replace(status, reboots=queue)
 
     def _with_last_seen_certificates(self, status: ClusterStatus) -> ClusterStatus:
         """Nodes that did not answer keep the certificates last seen on them, so that a
@@ -460,7 +544,8 @@ class Server:
             decision = Decision([], Phase.ETCD_WAIT, [blocked])
         else:
             pki, pki_blocked = await self.load_pki()
-            status = await self.collect_status(cluster, pki)
+            status = await self.with_restore_request(await self.collect_status(cluster, pki))
+            status = await self.with_reboot_queue(cluster, status)
             decision = decide_safely(cluster, constraints, status)
             if pki_blocked:
                 decision = dataclasses.replace(decision, blocked=[*decision.blocked, *pki_blocked])
@@ -561,6 +646,14 @@ class Server:
         if report.result == RESULT_GENERATED:
             self._wake.set()  # decide on the new cluster at once
         return report.to_dict()
+
+    async def _watch_reboot_queue(self) -> None:
+        """Wake the loop when ckecli changes the reboot queue (add, cancel, enable)."""
+        assert self.client.watch is not None
+        start = self.storage.key(KEY_REBOOTS_PREFIX)
+        async for response in self.client.watch.watch(start, range_end=prefix_range_end(start)):
+            if response.events:
+                self._wake.set()
 
     async def _watch_config(self) -> None:
         """Wake the loop when the cluster or the constraints change."""

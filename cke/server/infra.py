@@ -6,6 +6,7 @@ pinning a host key on first contact is a fenced write like every other.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 
@@ -18,7 +19,7 @@ from cke.nodes.runtime import Runtime
 from cke.op.etcd import EtcdTools
 from cke.pki import DEFAULT_CERT_TTL, SECRETS_MOUNT, TIDY_SAFETY_BUFFER, CertIssuer
 from cke.server.certrenewal import renewal_reason
-from cke.server.clusterstatus import Trust
+from cke.server.clusterstatus import DefragPolicy, Trust
 from cke.storage import KEY_HOSTKEYS_PREFIX, LeaderKey, NotLeader, Storage
 from cke.vault import VaultError, VaultSession
 
@@ -38,6 +39,7 @@ class Infrastructure:
         ttls: Mapping[str, str] | None = None,
         renew_fraction: float = 1 / 3,
         rotation_grace: float = 0.0,
+        defrag: DefragPolicy | None = None,
     ) -> None:
         self.storage = storage
         self.max_concurrent_updates = max_concurrent_updates
@@ -45,6 +47,8 @@ class Infrastructure:
         self.ttls = {kind: cert_ttl for kind in CERT_KINDS} | dict(ttls or {})
         self.renew_fraction = renew_fraction
         self.rotation_grace = rotation_grace  # seconds (cke's --ca-rotation-grace)
+        # When a member is defragmented (--etcd-defrag-min-db-size, --etcd-defrag-in-use-ratio).
+        self.defrag = defrag or DefragPolicy()
         self.vault = vault
         self.leader: LeaderKey | None = None
         # What the nodes and cke itself trust now (set by the leader at every step).
@@ -53,6 +57,8 @@ class Infrastructure:
         self.admin = EtcdAdmin(self._etcd_credentials)
         self._keys: tuple[float, dict[str, str]] | None = None
         self._client: tuple[CertInfo, EtcdCredentials] | None = None
+        # Every member's status asks at once: one of them renews, the others wait for it.
+        self._client_lock = asyncio.Lock()
 
     # -- SSH ------------------------------------------------------------------------------
 
@@ -123,7 +129,15 @@ class Infrastructure:
             reason = "the server CA bundle changed"
         return reason
 
+    async def etcd_credentials(self) -> EtcdCredentials:
+        """cke's ``root`` client certificate for the managed etcd (scheduled backups)."""
+        return await self._etcd_credentials()
+
     async def _etcd_credentials(self) -> EtcdCredentials:
+        async with self._client_lock:
+            return await self._current_or_renewed()
+
+    async def _current_or_renewed(self) -> EtcdCredentials:
         """cke's ``root`` client certificate, renewed as every certificate cke issues is:
         with ``renew_fraction`` of its lifetime left, or when a CA rotation needs it."""
         server_ca = (await self.ca("server")).encode()

@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
+from cke.rebootqueue import count_by_status, dedup
 from cke.server.phases import ALL_PHASES
+
+if TYPE_CHECKING:
+    from cke.backup import BackupInfo
+    from cke.rebootqueue import RebootEntry
 
 
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            # As upstream's process_* (Go's go_* have Python's python_* as their twin).
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
         self.leader = Gauge(
             "cke_leader", "1 if this server is the leader of CKE", registry=self.registry
         )
@@ -57,6 +78,32 @@ class ServerMetrics:
             "The number of machines sabakan lists that the cluster does not use",
             registry=self.registry,
         )
+        # CKE's reboot queue metrics (docs/metrics.md), set by the leader every round.
+        self.reboot_queue_enabled = Gauge(
+            "cke_reboot_queue_enabled", "1 if the reboot queue is enabled", registry=self.registry
+        )
+        self.reboot_queue_entries = Gauge(
+            "cke_reboot_queue_entries",
+            "The number of reboot queue entries remaining",
+            registry=self.registry,
+        )
+        self.reboot_queue_items = Gauge(
+            "cke_reboot_queue_items",
+            "The number of reboot queue entries remaining per status",
+            ["status"],
+            registry=self.registry,
+        )
+        self.reboot_queue_running = Gauge(
+            "cke_reboot_queue_running",
+            "1 if the reboot queue is being processed (enabled, with entries)",
+            registry=self.registry,
+        )
+        self.node_reboot_status = Gauge(
+            "cke_node_reboot_status",
+            "1 for the status of the node's reboot queue entry, 0 for the others",
+            ["node", "status"],
+            registry=self.registry,
+        )
         self.certificate_expiry = Gauge(
             "cke_certificate_expiry_timestamp_seconds",
             'Unix time when each certificate cke manages expires (node "": cke\'s own)',
@@ -69,8 +116,43 @@ class ServerMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 15, 30, 60),
             registry=self.registry,
         )
+        # The leader's scheduled etcd backups (cke/backup.py; not CKE's).
+        self.backup_timestamp = Gauge(
+            "cke_etcd_backup_last_success_timestamp_seconds",
+            "Unix time when the last good (verified) backup of the managed etcd completed",
+            registry=self.registry,
+        )
+        self.backup_revision = Gauge(
+            "cke_etcd_backup_last_revision",
+            "etcd revision of the last good backup",
+            registry=self.registry,
+        )
+        self.backup_size = Gauge(
+            "cke_etcd_backup_last_size_bytes",
+            "Size of the last good backup",
+            registry=self.registry,
+        )
+        self.backup_duration = Gauge(
+            "cke_etcd_backup_last_duration_seconds",
+            "Time the last good backup took (snapshot and verification)",
+            registry=self.registry,
+        )
+        self.backup_failures = Counter(
+            "cke_etcd_backup_failures_total",
+            "Scheduled backups (or their copies) that failed",
+            registry=self.registry,
+        )
         for p in ALL_PHASES:
             self.phase.labels(phase=p).set(0)
+
+    def backup_succeeded(self, info: BackupInfo) -> None:
+        self.backup_timestamp.set(time.time())
+        self.backup_revision.set(info.revision or 0)
+        self.backup_size.set(info.size)
+        self.backup_duration.set(info.seconds or 0.0)
+
+    def backup_failed(self) -> None:
+        self.backup_failures.inc()
 
     def set_certificate(self, node: str, certificate: str, not_after: float) -> None:
         self.certificate_expiry.labels(node=node, certificate=certificate).set(not_after)
@@ -79,6 +161,23 @@ class ServerMetrics:
         for p in ALL_PHASES:
             self.phase.labels(phase=p).set(1 if p == phase else 0)
         self.phase_timestamp.set(time.time())
+
+    def set_reboot_queue(
+        self, enabled: bool, entries: Sequence[RebootEntry], node_names: Mapping[str, str]
+    ) -> None:
+        """The queue's gauges; ``node_names``: every cluster node's name by address."""
+        counts = count_by_status(entries)
+        self.reboot_queue_enabled.set(1 if enabled else 0)
+        self.reboot_queue_entries.set(len(entries))
+        self.reboot_queue_running.set(1 if enabled and entries else 0)
+        for status, count in counts.items():
+            self.reboot_queue_items.labels(status=status).set(count)
+        current = {e.node: e.status for e in dedup(entries)}
+        self.node_reboot_status.clear()
+        for address, name in sorted(node_names.items()):
+            for status in counts:
+                value = 1 if current.get(address) == status else 0
+                self.node_reboot_status.labels(node=name, status=status).set(value)
 
     def set_sabakan(self, successful: bool, workers: dict[str, int], unused: int) -> None:
         self.sabakan_successful.set(1 if successful else 0)

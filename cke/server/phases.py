@@ -19,14 +19,17 @@ class Phase(StrEnum):
     ETCD_MAINTAIN_ABORTED = "etcd-maintain-aborted"
     K8S_MAINTAIN = "k8s-maintain"
     STOP_CONTROL_PLANE = "stop-control-plane"
-    UNCORDON = "uncordon"
-    REPAIR = "repair"
-    REBOOT = "reboot"
+    # Named as upstream's phase.go (``cke_operation_phase{phase=...}``).
+    REPAIR = "repair-machines"
+    UNCORDON = "uncordon-nodes"
+    REBOOT = "reboot-nodes"
     COMPLETED = "completed"
     # Not CKE's: the stored cluster or constraints cannot be used (see status.blocked).
     CONFIG_INVALID = "config-invalid"
     # Not CKE's: the decision raised (a bug); nothing is changed (see status.blocked).
     DECISION_FAILED = "decision-failed"
+    # Not CKE's: etcd is rebuilt from a snapshot after a quorum loss (ckecli etcd restore).
+    ETCD_RESTORE = "etcd-restore"
     # Not CKE's: there is no cluster configuration yet.
     WAITING_FOR_CLUSTER = "waiting-for-cluster"
 

@@ -22,6 +22,23 @@ Rule names:
 ``leader-moved-first``          (7) move leadership away before stopping the leader
 ``replacement-added-first``     (8) a healthy member leaves only once every desired
                                 control plane is a voter
+``defrag-when-in-sync``         (9) defragment a member only with a healthy leader and
+                                every member in sync
+``etcd-nospace``                not a refusal but a report: the NOSPACE alarm is
+                                raised and cke is recovering from it
+``etcd-quorum-lost``            (10) too few control planes keep etcd data for a quorum:
+                                nothing is done until ``ckecli etcd restore``
+``restore-snapshot-usable``     (11) restore only from the snapshot ckecli checked, with
+                                every control plane reachable
+``restore-only-after-quorum-loss`` (12) a restore request is ignored while etcd can
+                                still form a quorum
+``reboot-commands-configured``  (13) reboot only with reboot_command and
+                                boot_check_command set
+``reboot-unreachable-within-limit`` (13) no reboot starts with more nodes unreachable
+                                than ``maximum-unreachable-nodes-for-reboot``
+``reboot-control-plane-in-sync`` (13) a control plane reboots only with a healthy
+                                leader and every member in sync
+``reboot-one-control-plane-at-a-time`` (13) a control plane reboots alone
 ==============================  =====================================================
 """
 
@@ -36,19 +53,31 @@ from cke.server.clusterstatus import ClusterStatus, EtcdMember, EtcdStatus
 __all__ = [
     "RULE_ALL_CONTROL_PLANES_REACHABLE",
     "RULE_CLUSTER_HEALTHY_AND_IN_SYNC",
+    "RULE_DEFRAG_WHEN_IN_SYNC",
     "RULE_DESTROY_ONLY_NON_MEMBERS",
+    "RULE_ETCD_NOSPACE",
+    "RULE_ETCD_QUORUM_LOST",
     "RULE_HOST_KEY_VERIFIED",
     "RULE_KEEP_ETCD_MAJORITY",
     "RULE_KEEP_QUORUM",
     "RULE_LEADER_MOVED_FIRST",
     "RULE_LEARNER_CAUGHT_UP",
     "RULE_ONE_ENTRY_PER_MACHINE",
+    "RULE_REBOOT_COMMANDS_CONFIGURED",
+    "RULE_REBOOT_CONTROL_PLANE_IN_SYNC",
+    "RULE_REBOOT_ONE_CONTROL_PLANE_AT_A_TIME",
+    "RULE_REBOOT_UNREACHABLE_WITHIN_LIMIT",
     "RULE_REPLACEMENT_ADDED_FIRST",
+    "RULE_RESTORE_ONLY_AFTER_QUORUM_LOSS",
+    "RULE_RESTORE_SNAPSHOT_USABLE",
     "Blocked",
     "all_control_planes_reachable",
     "check_control_plane_change",
     "cluster_healthy_and_in_sync",
+    "defrag_when_in_sync",
     "destroy_only_non_members",
+    "etcd_nospace",
+    "etcd_quorum_lost",
     "host_key_verified",
     "keep_etcd_majority",
     "keep_quorum",
@@ -57,7 +86,13 @@ __all__ = [
     "learner_caught_up",
     "one_entry_per_machine",
     "quorum",
+    "reboot_commands_configured",
+    "reboot_control_plane_in_sync",
+    "reboot_one_control_plane_at_a_time",
+    "reboot_unreachable_within_limit",
     "replacement_added_first",
+    "restore_only_after_quorum_loss",
+    "restore_snapshot_usable",
     "same_machine_addresses",
 ]
 
@@ -72,6 +107,17 @@ RULE_LEARNER_CAUGHT_UP = "learner-caught-up"
 RULE_LEADER_MOVED_FIRST = "leader-moved-first"
 RULE_REPLACEMENT_ADDED_FIRST = "replacement-added-first"
 RULE_RIVERS_UPDATED_FIRST = "rivers-updated-first"
+RULE_DEFRAG_WHEN_IN_SYNC = "defrag-when-in-sync"
+RULE_ETCD_NOSPACE = "etcd-nospace"
+RULE_ETCD_QUORUM_LOST = "etcd-quorum-lost"
+RULE_RESTORE_SNAPSHOT_USABLE = "restore-snapshot-usable"
+RULE_RESTORE_ONLY_AFTER_QUORUM_LOSS = "restore-only-after-quorum-loss"
+RULE_REBOOT_COMMANDS_CONFIGURED = "reboot-commands-configured"
+RULE_REBOOT_UNREACHABLE_WITHIN_LIMIT = "reboot-unreachable-within-limit"
+RULE_REBOOT_CONTROL_PLANE_IN_SYNC = "reboot-control-plane-in-sync"
+RULE_REBOOT_ONE_CONTROL_PLANE_AT_A_TIME = "reboot-one-control-plane-at-a-time"
+# Where the operator finds the way back, named in the quorum-loss message.
+RESTORE_RUNBOOK = "README, 'Restore after quorum loss'"
 
 
 @dataclass(frozen=True)
@@ -93,6 +139,15 @@ def quorum(voters: int) -> int:
 
 def _names(addresses: Iterable[str]) -> str:
     return ", ".join(addresses)
+
+
+def _lagging(etcd: EtcdStatus, excluding: Collection[int] = ()) -> list[str] | None:
+    """The members (but ``excluding`` ids) unhealthy or not in sync with the leader, by
+    address; None when etcd has no healthy leader."""
+    leader = etcd.leader
+    if not etcd.reachable or leader is None or not leader.healthy:
+        return None
+    return sorted(m.address for m in etcd.members if m.id not in excluding and not etcd.in_sync(m))
 
 
 def _is_leader(etcd: EtcdStatus, member: EtcdMember) -> bool:
@@ -206,17 +261,13 @@ def cluster_healthy_and_in_sync(
 ) -> Blocked | None:
     """Refuse unless etcd has a healthy leader and every member (but ``excluding`` ids) is
     in sync with it."""
-    etcd = status.etcd
-    leader = etcd.leader
-    if not etcd.reachable or leader is None or not leader.healthy:
+    lagging = _lagging(status.etcd, excluding)
+    if lagging is None:
         return Blocked(
             RULE_CLUSTER_HEALTHY_AND_IN_SYNC,
             "etcd has no healthy leader; membership changes wait until it recovers.",
             (),
         )
-    lagging = sorted(
-        m.address for m in etcd.members if m.id not in excluding and not etcd.in_sync(m)
-    )
     if not lagging:
         return None
     return Blocked(
@@ -442,4 +493,228 @@ def rivers_updated_first(member: EtcdMember, outdated: Iterable[str]) -> Blocked
         + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
         + " no longer forward to it.",
         (member.address, *[a for a in stale[:10] if a != member.address]),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rule 9.  A member being defragmented serves no request until its database file is
+# rewritten (its raft log still advances, so the quorum holds).  Taking a member away
+# while another lags or is down, or while there is no leader, leaves fewer members to
+# serve; routine defragmentation can wait for a calm cluster.
+# ---------------------------------------------------------------------------
+
+
+def defrag_when_in_sync(status: ClusterStatus) -> Blocked | None:
+    """Refuse a routine defragmentation unless etcd has a healthy leader and every member
+    (learners included) is healthy and in sync with it."""
+    lagging = _lagging(status.etcd)
+    if lagging is None:
+        return Blocked(
+            RULE_DEFRAG_WHEN_IN_SYNC,
+            "etcd has no healthy leader; defragmentation waits until it recovers.",
+            (),
+        )
+    if not lagging:
+        return None
+    return Blocked(
+        RULE_DEFRAG_WHEN_IN_SYNC,
+        f"etcd member(s) {_names(lagging)} are unhealthy or not in sync with the leader; "
+        "fragmented members are defragmented once every member has caught up.",
+        tuple(lagging),
+    )
+
+
+# ---------------------------------------------------------------------------
+# etcd-nospace: a database that reached its quota (--quota-backend-bytes) raises the
+# NOSPACE alarm, and etcd refuses every write (reads and deletes pass) until the alarm
+# is disarmed.  Not a refusal: it says what happens (compact, defragment every member
+# one at a time, disarm) so that ``ckecli status`` shows why writes fail.
+# ---------------------------------------------------------------------------
+
+
+def etcd_nospace(status: ClusterStatus) -> Blocked | None:
+    """Report the NOSPACE alarm (None when it is not raised)."""
+    etcd = status.etcd
+    if not etcd.nospace:
+        return None
+    ids = {mid for mid, _ in etcd.alarms}
+    alarmed = sorted(m.address for m in etcd.members if m.id in ids)
+    down = sorted(m.address for m in etcd.members if not m.healthy)
+    message = (
+        f"etcd raised the NOSPACE alarm{' on ' + _names(alarmed) if alarmed else ''}: a "
+        "database reached its quota (--quota-backend-bytes) and etcd refuses writes. cke "
+        "compacts the history to the current revision, defragments every member one at a "
+        "time (followers first) and disarms the alarm."
+    )
+    if down:
+        message += f" Member(s) {_names(down)} do not answer and are not defragmented."
+    return Blocked(RULE_ETCD_NOSPACE, message, tuple(alarmed))
+
+
+# ---------------------------------------------------------------------------
+# Rule 10.  With too few control planes keeping etcd data for a quorum, no member
+# can be started, added or removed: each needs a quorum.  Acting anyway (a new
+# bootstrap, say) would throw away whatever data is left.  Only a restore from a
+# snapshot, which the operator asks for, brings the cluster back.
+# ---------------------------------------------------------------------------
+
+
+def etcd_quorum_lost(cluster: Cluster, status: ClusterStatus) -> Blocked | None:
+    """Refuse everything when etcd has no leader and fewer control planes than a quorum
+    of them could still hold etcd data (those that answer with data, and those that do
+    not answer and may come back with theirs)."""
+    if status.etcd.leader is not None:
+        return None
+    addresses = sorted(n.address for n in cluster.control_planes)
+    if not addresses:
+        return None
+    with_data, unknown, lost = [], [], []
+    for address in addresses:
+        ns = status.nodes.get(address)
+        if ns is None or not ns.ssh_ok or ns.host_key_mismatch:
+            unknown.append(address)  # it may well hold its data: we cannot tell
+        elif ns.etcd_has_data:
+            with_data.append(address)
+        else:
+            lost.append(address)
+    need = quorum(len(addresses))
+    if len(with_data) + len(unknown) >= need:
+        return None
+    kept = f"only {_names(with_data)} keep(s)" if with_data else "none keeps"
+    return Blocked(
+        RULE_ETCD_QUORUM_LOST,
+        f"etcd lost its quorum for good: of {len(addresses)} control planes {kept} etcd "
+        f"data, a quorum needs {need}; {_names(lost)} lost theirs. cke changes nothing by "
+        "itself. Restore from a backup with 'ckecli etcd restore SNAPSHOT --yes' "
+        f"(runbook: {RESTORE_RUNBOOK}).",
+        tuple(lost),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rule 11.  A restore replaces every member's data with the snapshot: only the file
+# ckecli verified (same SHA-256, read by the leader on its admin host), and only
+# with every control plane reachable, since all of them start from it at once.
+# ---------------------------------------------------------------------------
+
+
+def restore_snapshot_usable(cluster: Cluster, status: ClusterStatus) -> Blocked | None:
+    """Refuse a requested restore whose snapshot the leader cannot use."""
+    request = status.restore
+    if request is None:
+        return None
+    if status.restore_problem:
+        return Blocked(
+            RULE_RESTORE_SNAPSHOT_USABLE,
+            f"restore requested but not possible: {status.restore_problem}. The snapshot "
+            "must be at the same path on the leader's admin host.",
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Rule 12.  A restore while etcd can still form a quorum would throw away every
+# write since the snapshot: the request waits, and says so.
+# ---------------------------------------------------------------------------
+
+
+def restore_only_after_quorum_loss(cluster: Cluster, status: ClusterStatus) -> Blocked | None:
+    """Report a restore request that is not carried out because etcd can form a quorum."""
+    request = status.restore
+    if request is None or etcd_quorum_lost(cluster, status) is not None:
+        return None
+    return Blocked(
+        RULE_RESTORE_ONLY_AFTER_QUORUM_LOSS,
+        f"a restore from {request.snapshot} is requested, but etcd can still form a quorum: "
+        "restoring would lose every write since the snapshot. Nothing is restored; "
+        "'ckecli etcd restore --cancel' removes the request.",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rule 13.  The reboot queue (``ckecli reboot-queue``).  A reboot takes a node away
+# for a while: never with more unreachable nodes than the constraint allows, never
+# a control plane unless etcd could lose it and stay healthy, never two control
+# planes (or a control plane and anything else) at once, and only with the commands
+# configured.
+# ---------------------------------------------------------------------------
+
+
+def reboot_commands_configured(cluster: Cluster) -> Blocked | None:
+    """Refuse to reboot when ``reboot.reboot_command`` or ``boot_check_command`` is empty
+    (cke could reboot a node but never tell it is back)."""
+    missing = [
+        name
+        for name, command in (
+            ("reboot_command", cluster.reboot.reboot_command),
+            ("boot_check_command", cluster.reboot.boot_check_command),
+        )
+        if not command
+    ]
+    if not missing:
+        return None
+    return Blocked(
+        RULE_REBOOT_COMMANDS_CONFIGURED,
+        f"the reboot queue has entries but the cluster sets no reboot.{missing[0]}; "
+        "nothing is rebooted until the cluster configuration sets both commands.",
+    )
+
+
+def reboot_unreachable_within_limit(
+    cluster: Cluster, status: ClusterStatus, rebooting: Collection[str], limit: int
+) -> Blocked | None:
+    """Refuse to start a reboot when more nodes than ``limit``
+    (``maximum-unreachable-nodes-for-reboot``) are unreachable, not counting the nodes
+    whose reboot is under way (they are expected to be away)."""
+    down = sorted(
+        n.address
+        for n in cluster.nodes
+        if n.address not in rebooting
+        and ((ns := status.nodes.get(n.address)) is None or not ns.ssh_ok)
+    )
+    if len(down) <= limit:
+        return None
+    return Blocked(
+        RULE_REBOOT_UNREACHABLE_WITHIN_LIMIT,
+        f"{len(down)} node(s) are unreachable ({_names(down)}), more than "
+        f"maximum-unreachable-nodes-for-reboot ({limit}); queued reboots wait.",
+        tuple(down),
+    )
+
+
+def reboot_control_plane_in_sync(status: ClusterStatus, address: str) -> Blocked | None:
+    """Refuse to reboot control plane ``address`` unless etcd has a healthy leader and
+    every member (its own included) is in sync: the reboot then costs one member that
+    comes back with everything, and the others keep the quorum."""
+    lagging = _lagging(status.etcd)
+    if lagging is None:
+        reason = "etcd has no healthy leader"
+    elif lagging:
+        reason = f"etcd member(s) {_names(lagging)} are unhealthy or not in sync"
+    else:
+        return None
+    return Blocked(
+        RULE_REBOOT_CONTROL_PLANE_IN_SYNC,
+        f"{reason}; the reboot of control plane {address} waits until every member is "
+        "healthy and in sync.",
+        (address,),
+    )
+
+
+def reboot_one_control_plane_at_a_time(
+    address: str, control_planes: Collection[str], in_progress: Collection[str]
+) -> Blocked | None:
+    """Refuse to reboot control plane ``address`` while any other reboot is under way,
+    and any node while a control plane's is (CKE: API servers one by one, never
+    together with other nodes)."""
+    others = sorted(a for a in in_progress if a != address)
+    if not others:
+        return None
+    if address not in control_planes and not any(a in control_planes for a in others):
+        return None
+    return Blocked(
+        RULE_REBOOT_ONE_CONTROL_PLANE_AT_A_TIME,
+        f"the reboot of {address} waits: {_names(others)} are still rebooting, and a "
+        "control plane reboots alone.",
+        (address, *others),
     )

@@ -40,9 +40,22 @@ The etcd part follows CKE's ``server/strategy.go``:
       the leader last;
    g. take one CA rotation to its next stage once its stage reached every member
       (:mod:`cke.server.carotation`);
-   h. start stopped and restart outdated rivers and etcd-rivers (phase ``rivers``,
+   h. defragment one member whose database is fragmented (``ClusterStatus.defrag``:
+      at least ``min_db_size`` bytes, less than ``in_use_ratio`` in use), followers
+      first, the leader last, only with every member in sync (rule 9);
+   i. start stopped and restart outdated rivers and etcd-rivers (phase ``rivers``,
       :mod:`cke.op.rivers`), ``max_concurrent_updates`` nodes at a time.
    (a)-(d) are membership changes; (e) and (f) keep going when those are blocked.
+5. **reboot** - only when nothing above is to be done or held back and every member is
+   in sync (CKE's step 11): remove cancelled entries and entries whose node booted,
+   else reboot one queued node (``reboot``, :mod:`cke.op.reboot`): workers first, at
+   most ``reboot.max_concurrent_reboots`` at once, a control plane alone, with etcd in
+   sync, leadership moved away first; never with more unreachable nodes than
+   ``maximum-unreachable-nodes-for-reboot`` (rules ``reboot-*``).
+   Before all of them, when etcd raised the NOSPACE alarm (it refuses writes):
+   ``etcd-nospace-recovery`` compacts the history, defragments every healthy member one
+   at a time (followers first) and disarms the alarm; ``etcd-nospace`` in ``blocked``
+   says so in every phase while the alarm is raised.
    Phase ``etcd-maintain`` when an operator runs (``blocked`` lists what else was
    held back), :data:`ETCD_MAINTAIN_ABORTED` when only blocked steps remain,
    ``etcd-wait`` when nothing can be done but a member is still unhealthy (say a
@@ -60,7 +73,9 @@ from cke.op.base import Operator
 from cke.op.etcd import (
     EtcdAddMemberOp,
     EtcdBootstrapOp,
+    EtcdDefragOp,
     EtcdDestroyDataOp,
+    EtcdNospaceRecoveryOp,
     EtcdPromoteOp,
     EtcdRemoveMemberOp,
     EtcdRenewCertsOp,
@@ -68,7 +83,17 @@ from cke.op.etcd import (
     EtcdStartOp,
     desired_etcd_digest,
 )
+from cke.op.reboot import RebootDequeueOp, RebootOp
+from cke.op.restore import EtcdRestoreOp
 from cke.op.rivers import KINDS, RiversKind, RiversOp, RiversStopOp, rivers_spec
+from cke.rebootqueue import (
+    DEFAULT_MAX_CONCURRENT_REBOOTS,
+    IN_PROGRESS,
+    STATUS_CANCELLED,
+    STATUS_REBOOTING,
+    choose_candidates,
+    dedup,
+)
 from cke.server.carotation import CARotationOp, Progress, rotation_progress
 from cke.server.certrenewal import RULE_CERTIFICATES_RENEWED, Due, node_renewals
 from cke.server.clusterstatus import ClusterStatus, EtcdMember, NodeStatus
@@ -77,7 +102,10 @@ from cke.server.safety import (
     Blocked,
     all_control_planes_reachable,
     cluster_healthy_and_in_sync,
+    defrag_when_in_sync,
     destroy_only_non_members,
+    etcd_nospace,
+    etcd_quorum_lost,
     host_key_verified,
     keep_etcd_majority,
     keep_quorum,
@@ -85,7 +113,13 @@ from cke.server.safety import (
     leader_transfer_target,
     learner_caught_up,
     one_entry_per_machine,
+    reboot_commands_configured,
+    reboot_control_plane_in_sync,
+    reboot_one_control_plane_at_a_time,
+    reboot_unreachable_within_limit,
     replacement_added_first,
+    restore_only_after_quorum_loss,
+    restore_snapshot_usable,
     rivers_updated_first,
     same_machine_addresses,
 )
@@ -127,7 +161,7 @@ class Decision:
 def decide(cluster: Cluster | None, constraints: Constraints, status: ClusterStatus) -> Decision:
     if cluster is None:
         return Decision([], Phase.WAITING_FOR_CLUSTER)
-    return _Etcd(cluster, status).decide()
+    return _Etcd(cluster, status, constraints).decide()
 
 
 # A check returns None (fine) or the Blocked that refuses the step.
@@ -157,9 +191,12 @@ class _Blocks:
 class _Etcd:
     """One decision over the etcd part; the helpers read ``cluster`` and ``status``."""
 
-    def __init__(self, cluster: Cluster, status: ClusterStatus) -> None:
+    def __init__(
+        self, cluster: Cluster, status: ClusterStatus, constraints: Constraints | None = None
+    ) -> None:
         self.cluster = cluster
         self.status = status
+        self.constraints = constraints or Constraints()
         self.etcd = status.etcd
         self.nodes = {n.address: n for n in cluster.nodes}
         self.control_planes = sorted(cluster.control_planes, key=lambda n: n.address)
@@ -228,6 +265,11 @@ class _Etcd:
     def _decide(self) -> Decision:
         if not self.bootstrapped():
             return self.boot()
+        lost = etcd_quorum_lost(self.cluster, self.status)
+        if lost is not None:
+            return self.restore(lost)
+        self.blocks.add(restore_only_after_quorum_loss(self.cluster, self.status))
+        self.blocks.add(etcd_nospace(self.status))
         start = self.start()
         if start is not None:
             return Decision([start], Phase.ETCD_START, self.blocks.items)
@@ -239,6 +281,8 @@ class _Etcd:
         leader = self.etcd.leader
         if not self.etcd.reachable or leader is None or not leader.healthy:
             return Decision([], Phase.ETCD_WAIT, self.blocks.items)
+        if self.etcd.nospace:
+            return Decision([self.recover_nospace()], Phase.ETCD_MAINTAIN, self.blocks.items)
         op = self.maintain()
         if op is not None:
             phase = Phase.RIVERS if isinstance(op, RiversOp | RiversStopOp) else Phase.ETCD_MAINTAIN
@@ -249,6 +293,12 @@ class _Etcd:
             # Nothing can be done (e.g. a crashed control plane still in the config):
             # wait for the member to come back or for a new configuration.
             return Decision([], Phase.ETCD_WAIT)
+        # Last, as CKE's step 11: only an etcd with nothing to repair or maintain, every
+        # member in sync, reboots a node (a rebooted control plane comes back through
+        # etcd-start / etcd-wait above before its entry leaves the queue).
+        reboot = self.reboot()
+        if reboot is not None:
+            return reboot
         return Decision([], Phase.COMPLETED)
 
     def bootstrapped(self) -> bool:
@@ -274,6 +324,28 @@ class _Etcd:
         return Decision(
             [EtcdBootstrapOp(self.control_planes, self.cluster, self.trust)], Phase.ETCD_BOOT
         )
+
+    def restore(self, lost: Blocked) -> Decision:
+        """The quorum is lost for good: nothing is done until the operator asks for a
+        restore, and then only from the snapshot ckecli checked, on every control plane."""
+        self.blocks.add(lost)
+        request = self.status.restore
+        if request is None:
+            return Decision([], Phase.ETCD_WAIT, self.blocks.items)
+        refused = self.blocks.first_failure(
+            [
+                partial(restore_snapshot_usable, self.cluster, self.status),
+                partial(all_control_planes_reachable, self.cluster, self.status),
+                partial(host_key_verified, self.status, sorted(self.cp_addresses)),
+                partial(one_entry_per_machine, self.status, self.all_addresses),
+            ]
+        )
+        if refused is not None:
+            return Decision([], Phase.ETCD_WAIT, self.blocks.items)
+        op = EtcdRestoreOp(
+            self.control_planes, self.cluster, request, self.status.restore_revision, self.trust
+        )
+        return Decision([op], Phase.ETCD_RESTORE, self.blocks.items)
 
     def start(self) -> EtcdStartOp | None:
         """Start stopped members on control planes; no membership rule is involved."""
@@ -339,6 +411,7 @@ class _Etcd:
             self.destroy_data,
             self.restart_outdated,
             self.advance_ca_rotation,
+            self.defragment,
             self.rivers,
         ):
             op = step()
@@ -493,6 +566,36 @@ class _Etcd:
                 )
         return None
 
+    # -- hygiene: defragmentation and NOSPACE ----------------------------------------
+
+    def followers_first(self, members: Iterable[EtcdMember]) -> list[EtcdMember]:
+        return sorted(members, key=lambda m: (self.is_leader(m), m.address, m.id))
+
+    def defragment(self) -> Operator | None:
+        """(h) Defragment one fragmented member, followers first, the leader last; the
+        next one waits for the next round (rule 9 then sees it back in sync). Voters
+        only: etcd serves a learner nothing but Status and serializable reads (and a
+        learner is promoted soon)."""
+        fragmented = self.followers_first(
+            m for m in self.etcd.voters if self.status.defrag.fragmented(m)
+        )
+        if not fragmented:
+            return None
+        if self.blocks.first_failure([partial(defrag_when_in_sync, self.status)]) is not None:
+            return None
+        m = fragmented[0]
+        return EtcdDefragOp(m, ask=self.voters_except(m))
+
+    def recover_nospace(self) -> Operator:
+        """The NOSPACE alarm with a healthy leader: compact, defragment every member that
+        answers (voters: see ``defragment``; followers first, the leader last), disarm.
+        Members that do not answer are
+        left out (``etcd-nospace`` names them); one whose database still fills the quota
+        raises the alarm again at the next write, and is recovered then."""
+        members = self.followers_first(m for m in self.etcd.voters if m.healthy)
+        via = sorted(v.address for v in self.etcd.voters if v.healthy)
+        return EtcdNospaceRecoveryOp(members, via)
+
     # -- rivers and etcd-rivers (CKE's riversOps) -------------------------------------
 
     def rivers_upstreams(self) -> list[str]:
@@ -622,6 +725,71 @@ class _Etcd:
             if self.blocks.first_failure(checks) is None:
                 return CARotationOp(progress.name, progress.stage)
         return None
+
+    # -- the reboot queue (CKE's rebootOps) --------------------------------------------
+
+    def reboot(self) -> Decision | None:
+        """Remove finished and cancelled entries, else start one queued reboot (workers
+        first, up to ``reboot.max_concurrent_reboots``; a control plane alone, with etcd
+        in sync, its leadership moved away first). CKE cordons and drains the node
+        (evicting its Pods) before the reboot command: there is no Kubernetes here, so
+        nothing is evicted. None: nothing to do or wait for."""
+        q = self.status.reboots
+        if not q.entries:
+            return None
+        cancelled = [e for e in q.entries if e.status == STATUS_CANCELLED]
+        if cancelled:
+            return Decision([RebootDequeueOp(cancelled, cancel=True)], Phase.REBOOT)
+        booted = [e for e in q.entries if e.status == STATUS_REBOOTING and e.node in q.booted]
+        if booted:
+            return Decision([RebootDequeueOp(booted)], Phase.REBOOT)
+        if not q.enabled:
+            return None
+        members = [e for e in dedup(q.entries) if e.node in self.nodes]
+        in_progress = [e.node for e in members if e.status in IN_PROGRESS]
+        limit = self.cluster.reboot.max_concurrent_reboots or DEFAULT_MAX_CONCURRENT_REBOOTS
+        chosen = choose_candidates(members, self.nodes, self.cp_addresses, limit, q.now)
+        if not chosen:
+            return Decision([], Phase.REBOOT) if in_progress else None
+        entry = chosen[0]
+        node = self.nodes[entry.node]
+        m = self.etcd.member(node.address)
+        checks: list[Check] = [
+            partial(reboot_commands_configured, self.cluster),
+            partial(
+                reboot_unreachable_within_limit,
+                self.cluster,
+                self.status,
+                in_progress,
+                self.constraints.maximum_unreachable_nodes_for_reboot,
+            ),
+            partial(host_key_verified, self.status, [node.address]),
+            partial(one_entry_per_machine, self.status, [node.address]),
+            partial(
+                reboot_one_control_plane_at_a_time, node.address, self.cp_addresses, in_progress
+            ),
+        ]
+        if node.address in self.cp_addresses:
+            checks.append(partial(reboot_control_plane_in_sync, self.status, node.address))
+        if m is not None:
+            checks += [
+                partial(keep_quorum, self.status, m, removing=False),
+                partial(leader_moved_first, self.status, m),
+            ]
+        if self.blocks.first_failure(checks) is not None:
+            return Decision([], Phase.REBOOT, self.blocks.items)
+        # CKE cordons the node and evicts its Pods here, before the reboot command. No
+        # Kubernetes runs here, so there is nothing to cordon or evict.
+        target = self.move_leader_to(m) if m is not None else None
+        op = RebootOp(
+            node,
+            entry,
+            q.revisions.get(entry.index, 0),
+            self.cluster,
+            leader=m if target is not None else None,
+            move_leader_to=target,
+        )
+        return Decision([op], Phase.REBOOT, self.blocks.items)
 
     def _has_etcd(self, address: str) -> bool:
         ns = self.ns(address)

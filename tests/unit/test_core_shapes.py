@@ -10,9 +10,12 @@ from cke.records import Record
 from cke.server.phases import ALL_PHASES, Phase
 from cke.server.strategy import ClusterStatus, Decision, decide
 
+# Upstream's AllOperationPhases (phase.go), each a value of cke_operation_phase{phase}.
 CKE_PHASES = {
+    "upgrade-aborted",
     "upgrade",
     "rivers",
+    "etcd-boot-aborted",
     "etcd-boot",
     "etcd-start",
     "etcd-wait",
@@ -20,9 +23,9 @@ CKE_PHASES = {
     "etcd-maintain",
     "k8s-maintain",
     "stop-control-plane",
-    "uncordon",
-    "repair",
-    "reboot",
+    "repair-machines",
+    "uncordon-nodes",
+    "reboot-nodes",
     "completed",
 }
 

@@ -37,7 +37,7 @@ from cke.op.rivers import (
 from cke.server.clusterstatus import ClusterStatus, NodeStatus, ServiceStatus
 from cke.server.phases import Phase
 from cke.server.strategy import Decision
-from tests.unit.etcd_builders import member
+from tests.unit.etcd_builders import member, node_commands
 from tests.unit.test_strategy import (
     A,
     B,
@@ -103,7 +103,7 @@ def proxies(
 def apply(s: ClusterStatus, op: Operator) -> ClusterStatus:
     """The status once every command of a rivers operation ran: what it started runs
     with the digest of the spec it was given; what it stopped is stopped."""
-    while (cmd := op.next_command()) is not None:
+    for cmd in node_commands(op):
         if isinstance(cmd, StartRivers):
             started = {cmd.spec.name: ServiceStatus(True, cmd.spec.digest())}
             s = with_services(s, cmd.node.address, started)
@@ -126,7 +126,7 @@ def started_upstreams(op: RiversOp) -> set[str]:
     """The ``--upstreams`` argument of every spec the operation starts."""
     found = set()
     steps = copy.copy(op)  # its own position in the same commands: ``op`` is not consumed
-    while (cmd := steps.next_command()) is not None:
+    for cmd in node_commands(steps):
         assert isinstance(cmd, StartRivers)
         (arg,) = [a for a in cmd.spec.args if a.startswith("--upstreams=")]
         found.add(arg)

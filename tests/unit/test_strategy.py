@@ -721,6 +721,9 @@ def test_decision_safety_properties(scenario: tuple[Cluster, ClusterStatus]) -> 
         "leader-moved-first",
         "one-entry-per-machine",
         "replacement-added-first",
+        "etcd-quorum-lost",
+        "restore-snapshot-usable",
+        "restore-only-after-quorum-loss",
     }
     assert {b.rule for b in d.blocked} <= known
     if not d.operators and d.blocked:

@@ -1,0 +1,112 @@
+"""Issue 17 (docs/parity.md): small upstream items that the parity table revealed."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cke import __version__
+from cke.cli.ckecli import build_parser
+from cke.server.metrics import ServerMetrics
+from cke.server.phases import ALL_PHASES
+from sabakan.sabactl import main as sabactl_main
+
+
+def _families() -> dict[str, list[tuple[dict[str, str], float]]]:
+    text = generate_latest(ServerMetrics().registry).decode()
+    return {
+        f.name: [(s.labels, s.value) for s in f.samples]
+        for f in text_string_to_metric_families(text)
+    }
+
+
+def test_operation_phase_has_a_series_per_phase() -> None:
+    # Upstream's names are among ALL_PHASES: tests/unit/test_core_shapes.py.
+    phases = [labels["phase"] for labels, _ in _families()["cke_operation_phase"]]
+    assert sorted(phases) == sorted(ALL_PHASES)
+
+
+def test_process_metrics_are_exported_as_upstreams() -> None:
+    families = _families()
+    for name in (
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ):
+        assert name in families, name
+    assert families["process_open_fds"][0][1] > 0
+
+
+@pytest.mark.parametrize("argv", [["version"], ["--version"]])
+def test_sabactl_version_needs_no_server(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = sabactl_main([*argv])
+    except SystemExit as exc:  # --version is argparse's own action
+        code = int(exc.code or 0)
+    assert code == 0
+    assert capsys.readouterr().out == f"sabactl version {__version__}\n"
+
+
+# -- docs/parity.md stays true to itself and to ckecli --------------------------------------
+
+PARITY = Path(__file__).resolve().parents[2] / "docs" / "parity.md"
+STATUSES = ("present", "different", "N/A", "missing")
+
+
+def _rows() -> dict[str, list[tuple[str, str]]]:
+    """Section title -> (first cell, status) of each table row that has a status."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    title = ""
+    for line in PARITY.read_text().splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+            sections[title] = []
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)]
+        if title and len(cells) >= 4 and cells[2] in STATUSES:
+            sections[title].append((cells[1], cells[2]))
+    return sections
+
+
+def test_parity_summary_counts_its_rows() -> None:
+    text = PARITY.read_text()
+    total = re.search(r"\| \*\*total\*\* \| (.+) \|", text)
+    assert total is not None
+    stated = [int(n.strip("* ")) for n in total.group(1).split("|")]
+    rows = [status for section in _rows().values() for _, status in section]
+    assert stated == [rows.count(s) for s in STATUSES]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_every_ckecli_command_the_table_calls_present_exists() -> None:
+    (ckecli_rows,) = [rows for title, rows in _rows().items() if title.startswith("ckecli")]
+    checked = 0
+    for cell, status in ckecli_rows:
+        if status not in ("present", "different") or not cell.startswith("`"):
+            continue
+        words = []
+        for word in cell.split("`")[1].split():
+            if not re.fullmatch(r"[a-z][a-z-]*", word):
+                break
+            words.append(word)
+        parser = build_parser()
+        for word in words:
+            choices = _subcommands(parser)
+            assert word in choices, f"{cell}: no ckecli {' '.join(words)}"
+            parser = choices[word]
+        checked += bool(words)
+    assert checked >= 25
