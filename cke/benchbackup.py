@@ -17,8 +17,9 @@ same run:
   one after another and three at once, then a 3-member TLS etcd started on the
   restored directories (``cke.devenv.etcd.EtcdCluster``) until every member is healthy;
   and the transfer alone: the snapshot sent to the 3 nodes at once into
-  ``/var/lib/cke`` by asyncssh as cke sends it (``conn.run(input=...)``, as
-  ``NodeConnection.run``), by asyncssh in 1 MiB writes with ``drain()``, and by the
+  ``/var/lib/cke`` by asyncssh's ``conn.run(input=...)`` (how cke sent it before it
+  streamed large inputs), by asyncssh in 1 MiB writes with ``drain()`` (how
+  ``NodeConnection.run`` sends an input that large now), and by the
   OpenSSH client (``ssh node 'cat > FILE' < SNAPSHOT``), with this process's CPU time
   and peak RSS for the asyncssh ways.
 - restore: 2 of the 3 control planes lose their etcd (``kill -9`` and ``rm -rf
@@ -397,8 +398,8 @@ async def reference_transfer(
     bed: TestBed, nodes: Sequence[BedNode], snapshot: Path, rounds: int
 ) -> Transfer:
     """The snapshot into TRANSFER_FILE on every node at once, ``rounds`` times each way:
-    asyncssh as cke sends it (the whole file as ``input``, on kept connections), asyncssh
-    writing 1 MiB at a time, and the OpenSSH client reading the file (new connections)."""
+    asyncssh with the whole file as ``input`` (cke before it streamed), asyncssh writing
+    1 MiB at a time (as cke now does), and the OpenSSH client reading the file."""
     result = Transfer()
     data = await asyncio.to_thread(snapshot.read_bytes)
     command = f"umask 077; cat > {TRANSFER_FILE}; rm -f {TRANSFER_FILE}"
@@ -687,8 +688,9 @@ async def _bench(keys: int, value_size: int, rounds: int) -> int:
             f"restore: {res.total:.2f} s from 'ckecli etcd restore --yes' to a completed status "
             f"with 3 members = ckecli {res.ckecli:.2f} s (etcdutl status, SHA-256, request; "
             f"a trivial 'ckecli status' takes {res.ckecli_trivial:.2f} s) "
-            f"+ request noticed {op_started - res.requested_at:.2f} s (the next --interval "
-            f"round) + etcd-restore {op_took:.2f} s + completed status seen "
+            f"+ request noticed {op_started - res.requested_at:.2f} s (the leader watches "
+            f"it: below 0 when it started before ckecli exited) + etcd-restore {op_took:.2f} s "
+            f"+ completed status seen "
             f"{res.done_at - op_done:.2f} s later"
         )
         print(
@@ -724,7 +726,7 @@ async def _bench(keys: int, value_size: int, rounds: int) -> int:
         )
         print(
             f"transfer reference (the snapshot to the 3 nodes at once into {TRANSFER_FILE}, "
-            f"medians of {rounds}): asyncssh as cke (input=) "
+            f"medians of {rounds}): asyncssh input= (cke before) "
             f"{transfer.line('asyncssh', size)}, asyncssh in 1 MiB writes "
             f"{transfer.line('asyncssh streamed', size)}, OpenSSH client "
             f"{transfer.line('openssh', size)}"

@@ -1140,7 +1140,6 @@ _INERT_TOP = (
     "taint_control_plane",
     "control_plane_tolerations",
     "dns_service",
-    "repair",
     "sabakan",
     "trusted_rest_mappings",
 )
@@ -1157,6 +1156,17 @@ _INERT_REBOOT = (
     "evict_retries",
     "evict_interval",
     "protected_namespaces",
+    "protected_job_pods",
+)
+
+
+# The repair queue uses the procedures and the concurrency; these drain Kubernetes nodes
+# (as each step's ``need_drain``, which is accepted and has no effect).
+_INERT_REPAIR = (
+    "protected_namespaces",
+    "evict_retries",
+    "evict_interval",
+    "eviction_timeout_seconds",
     "protected_job_pods",
 )
 
@@ -1178,6 +1188,7 @@ def inert_fields(cluster: Cluster) -> list[str]:
     """The paths of the fields set (not at their default) that cke does not act on."""
     found = _set_fields(cluster, _INERT_TOP, "")
     found += _set_fields(cluster.reboot, _INERT_REBOOT, "reboot.")
+    found += _set_fields(cluster.repair, _INERT_REPAIR, "repair.")
     found += _set_fields(cluster.binaries, _INERT_BINARIES, "binaries.")
     found += _set_fields(cluster.options.etcd, _INERT_ETCD, "options.etcd.")
     for rivers in ("rivers", "etcd-rivers"):

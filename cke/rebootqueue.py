@@ -79,30 +79,16 @@ class RebootEntry:
             "node": self.node,
             "status": self.status,
         }
-        if self.last_transition_time is not None:
-            doc["last_transition_time"] = _format_time(self.last_transition_time)
-        if self.drain_backoff_count:
-            doc["drain_backoff_count"] = self.drain_backoff_count
-        if self.drain_backoff_expire is not None:
-            doc["drain_backoff_expire"] = _format_time(self.drain_backoff_expire)
-        return doc
+        return times_to_doc(
+            doc, self.last_transition_time, self.drain_backoff_count, self.drain_backoff_expire
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> RebootEntry:
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise EntryError("not JSON") from None
-        if not isinstance(doc, dict):
-            raise EntryError("not a JSON object")
-        index = doc.get("index")
-        if isinstance(index, str) and index.isdecimal():
-            index = int(index)
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise EntryError(f"index: not a decimal number: {doc.get('index')!r}")
+        doc, index = entry_doc(raw)
         node = doc.get("node")
         if not isinstance(node, str) or not node:
             raise EntryError("node: missing")
@@ -150,6 +136,38 @@ class RebootEntry:
         """A queued entry whose backoff has not ended at ``now``."""
         expire = self.drain_backoff_expire
         return self.status == STATUS_QUEUED and expire is not None and expire > now
+
+
+def entry_doc(raw: str | bytes) -> tuple[dict[str, object], int]:
+    """A stored queue entry's JSON object and its index (CKE writes it as a string)."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise EntryError("not JSON") from None
+    if not isinstance(doc, dict):
+        raise EntryError("not a JSON object")
+    index = doc.get("index")
+    if isinstance(index, str) and index.isdecimal():
+        index = int(index)
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise EntryError(f"index: not a decimal number: {doc.get('index')!r}")
+    return doc, index
+
+
+def times_to_doc(
+    doc: dict[str, object],
+    last_transition: dt.datetime | None,
+    backoff_count: int,
+    backoff_expire: dt.datetime | None,
+) -> dict[str, object]:
+    """``doc`` with a queue entry's times and backoff, left out when zero (as CKE)."""
+    if last_transition is not None:
+        doc["last_transition_time"] = _format_time(last_transition)
+    if backoff_count:
+        doc["drain_backoff_count"] = backoff_count
+    if backoff_expire is not None:
+        doc["drain_backoff_expire"] = _format_time(backoff_expire)
+    return doc
 
 
 def _second(when: dt.datetime) -> dt.datetime:

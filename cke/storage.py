@@ -13,12 +13,15 @@ All keys live under the configured prefix (default ``/cke/``), as in CKE's
 ``records/<016x id>``      operation records (JSON)
 ``leader/<lease hex>``     election candidates; the oldest is the leader
 ``status``                 the leader's view: phase, timestamp, leader, blocked
+``status/collected``       what the leader decided from (cke/server/statusjson.py)
 ``hostkeys/<address>``     pinned SSH host keys of nodes
 ``sabakan/…``              sabakan integration settings
 ``reboots/data/<016x>``   reboot queue entries (JSON; cke/rebootqueue.py)
 ``reboots/write-index``   the next reboot queue index (decimal)
 ``reboots/disabled``      ``true``: the reboot queue is not processed
-``repairs/…``             the repair queue
+``repairs/data/<016x>``   repair queue entries (JSON; cke/repairqueue.py)
+``repairs/write-index``   the next repair queue index (decimal)
+``repairs/disabled``      ``true``: the repair queue is not processed
 =========================  ====================================================
 
 Every write the leader makes goes through ``Storage.fenced`` with its
@@ -30,6 +33,7 @@ lease (paused, partitioned) can change nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Sequence
@@ -42,6 +46,7 @@ from etcd3aio._protobuf import Compare, RequestOp
 from cke.common.logs import get_logger
 from cke.rebootqueue import EntryError, RebootEntry
 from cke.records import Record
+from cke.repairqueue import RepairEntry
 
 log = get_logger("cke.storage")
 
@@ -54,6 +59,7 @@ KEY_RECORDS = "records"
 KEY_RECORDS_PREFIX = "records/"
 KEY_LEADER_PREFIX = "leader/"
 KEY_STATUS = "status"
+KEY_STATUS_COLLECTED = "status/collected"  # the collected status, for ``ckecli plan``
 KEY_HOSTKEYS_PREFIX = "hostkeys/"
 KEY_SABAKAN_PREFIX = "sabakan/"
 KEY_SABAKAN_DISABLED = "sabakan/disabled"
@@ -66,6 +72,9 @@ KEY_REBOOTS_DATA_PREFIX = "reboots/data/"
 KEY_REBOOTS_WRITE_INDEX = "reboots/write-index"
 KEY_REBOOTS_DISABLED = "reboots/disabled"
 KEY_REPAIRS_PREFIX = "repairs/"
+KEY_REPAIRS_DATA_PREFIX = "repairs/data/"
+KEY_REPAIRS_WRITE_INDEX = "repairs/write-index"
+KEY_REPAIRS_DISABLED = "repairs/disabled"
 KEY_ETCD_RESTORE = "etcd-restore"  # ckecli's request to restore etcd from a snapshot
 
 DEFAULT_RECORD_LIMIT = 1000
@@ -437,8 +446,14 @@ class Storage:
             log.warning("stored status is unreadable; ignored", error=f"{type(exc).__name__}")
             return None
 
-    async def put_status(self, leader: LeaderKey, status: Status) -> None:
-        ok = await self.fenced(leader, [self.kv.txn_op_put(self.key(KEY_STATUS), status.to_json())])
+    async def put_status(
+        self, leader: LeaderKey, status: Status, collected: str | None = None
+    ) -> None:
+        """The status and (with it, in one transaction) what it was decided from."""
+        ops = [self.kv.txn_op_put(self.key(KEY_STATUS), status.to_json())]
+        if collected is not None:
+            ops.append(self.kv.txn_op_put(self.key(KEY_STATUS_COLLECTED), collected))
+        ok = await self.fenced(leader, ops)
         if not ok:  # no extra compares: only the leader check can fail
             raise NotLeader("status write refused")
 
@@ -601,3 +616,89 @@ class Storage:
 
     async def set_reboot_queue_disabled(self, disabled: bool) -> None:
         await self.put_setting(KEY_REBOOTS_DISABLED, "true" if disabled else "false")
+
+    # -- the repair queue (written by ckecli, processed by the leader) ----------------------
+
+    @staticmethod
+    def _repair_key(index: int) -> str:
+        return KEY_REPAIRS_DATA_PREFIX + record_key_suffix(index)
+
+    async def get_repair_entries(self) -> list[tuple[RepairEntry, int]]:
+        """Every entry with its mod revision, oldest first; unreadable ones are logged and
+        skipped."""
+        resp = await self._prefix_range(KEY_REPAIRS_DATA_PREFIX, SortOrder.ASCEND, SortTarget.KEY)
+        entries: list[tuple[RepairEntry, int]] = []
+        for kv in resp.kvs:
+            try:
+                entries.append((RepairEntry.from_json(kv.value), kv.mod_revision))
+            except EntryError as exc:
+                log.warning(
+                    "unreadable repair queue entry skipped",
+                    key=kv.key.decode(errors="replace"),
+                    error=str(exc),
+                )
+        return entries
+
+    async def get_repair_entry(self, index: int) -> tuple[RepairEntry | None, int]:
+        got = await self.get(self._repair_key(index))
+        if got.value is None:
+            return None, 0
+        return RepairEntry.from_json(got.value), got.mod_revision
+
+    async def add_repair_entry(self, entry: RepairEntry) -> RepairEntry:
+        """Queue ``entry`` at the next index and advance ``repairs/write-index``,
+        atomically; returns the entry with its index."""
+        for _ in range(10):
+            got = await self.get(KEY_REPAIRS_WRITE_INDEX)
+            text = got.value.decode(errors="replace").strip() if got.value is not None else "0"
+            if not text.isdecimal():
+                raise UnreadableValue(f"{KEY_REPAIRS_WRITE_INDEX}: not a decimal number")
+            queued = dataclasses.replace(entry, index=int(text))
+            resp = await self.kv.txn(
+                compare=[
+                    self._mod_revision_is(self.key(KEY_REPAIRS_WRITE_INDEX), got.mod_revision)
+                ],
+                success=[
+                    self.kv.txn_op_put(self.key(self._repair_key(queued.index)), queued.to_json()),
+                    self.kv.txn_op_put(self.key(KEY_REPAIRS_WRITE_INDEX), str(queued.index + 1)),
+                ],
+                timeout=self.timeout,
+            )
+            if resp.succeeded:
+                return queued
+        raise Conflict("the repair queue kept changing; run the command again")
+
+    async def update_repair_entry(self, entry: RepairEntry, mod_revision: int) -> bool:
+        """ckecli's change of an entry, if nobody changed or removed it since (False)."""
+        key = self.key(self._repair_key(entry.index))
+        resp = await self.kv.txn(
+            compare=[self._mod_revision_is(key, mod_revision)],
+            success=[self.kv.txn_op_put(key, entry.to_json())],
+            timeout=self.timeout,
+        )
+        return bool(resp.succeeded)
+
+    async def fenced_update_repair_entry(
+        self, leader: LeaderKey, entry: RepairEntry, mod_revision: int
+    ) -> bool:
+        """As the leader, change an entry unless it changed meanwhile (a delete: False)."""
+        key = self.key(self._repair_key(entry.index))
+        return await self.fenced(
+            leader,
+            [self.kv.txn_op_put(key, entry.to_json())],
+            [self._mod_revision_is(key, mod_revision)],
+        )
+
+    async def fenced_delete_repair_entry(self, leader: LeaderKey, index: int) -> None:
+        """As the leader, remove an entry (marked deleted)."""
+        key = self.key(self._repair_key(index))
+        if not await self.fenced(leader, [self.kv.txn_op_delete(key)]):
+            raise NotLeader("repair queue write refused")
+
+    async def repair_queue_enabled(self) -> bool:
+        """False only when ``repairs/disabled`` is ``true`` (CKE's rule)."""
+        got = await self.get(KEY_REPAIRS_DISABLED)
+        return got.value is None or got.value.strip() != b"true"
+
+    async def set_repair_queue_disabled(self, disabled: bool) -> None:
+        await self.put_setting(KEY_REPAIRS_DISABLED, "true" if disabled else "false")

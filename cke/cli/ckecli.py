@@ -103,7 +103,17 @@ def _emit(doc: Any, output: str | None, human: Callable[[Any], str]) -> None:
 # -- commands ----------------------------------------------------------------------------------
 
 
+async def cmd_plan(storage: Storage, args: argparse.Namespace) -> None:
+    from cke.cli.plancmd import cmd_plan as plan  # here: plancmd imports this module
+
+    await plan(storage, args)
+
+
 async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
+    if args.output is not None and not args.dry_run:
+        raise CLIError("-o: only with --dry-run")
+    if args.dry_run and not 1 <= args.steps <= MAX_PLAN_STEPS:
+        raise CLIError(f"--steps: must be between 1 and {MAX_PLAN_STEPS}")
     text = await _read_input(args.file)
     try:
         cluster = parse_cluster(text)
@@ -132,6 +142,17 @@ async def cmd_cluster_set(storage: Storage, args: argparse.Namespace) -> None:
         raise CLIError(f"{args.file}: refused by rule {refused.rule}: {refused.message}")
     old_yaml = _stored_cluster_yaml(current.value)
     new_yaml = cluster_to_yaml(cluster)
+    if args.dry_run:
+        from cke.cli.plancmd import dry_run  # here: plancmd imports this module
+
+        diff_lines = difflib.unified_diff(
+            old_yaml.splitlines(keepends=True),
+            new_yaml.splitlines(keepends=True),
+            "stored",
+            args.file,
+        )
+        await dry_run(storage, args, cluster, constraints, "".join(diff_lines))
+        return
     if old_yaml == new_yaml and new_constraints_json is None:
         print("cluster unchanged")
         return
@@ -364,6 +385,8 @@ async def cmd_status(storage: Storage, args: argparse.Namespace) -> None:
     _emit(doc, args.output, _status_text)
 
 
+# ``cluster set --dry-run --steps``: at most this many (cke.server.plan.MAX_STEPS).
+MAX_PLAN_STEPS = 300
 # No input of ckecli is anywhere near this; it bounds what is read into memory.
 MAX_INPUT_BYTES = 4 * 1024 * 1024
 # cke keeps the last 1,000 records.
@@ -826,6 +849,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="store this control-plane-count constraint with the cluster, atomically",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="store nothing: print the operations the change would cause (exit 3: held back)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=50, help="with --dry-run: plan at most N operations"
+    )
+    p.add_argument("-o", "--output", choices=("json",), default=None, help="with --dry-run")
     p.add_argument("file")
     p.set_defaults(func=cmd_cluster_set)
     p = csub.add_parser("get", help="print the stored cluster")
@@ -917,6 +949,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reader(p)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser(
+        "plan", help="the operation the leader would run next, and what is held back"
+    )
+    p.add_argument("-o", "--output", choices=("json",), default=None)
+    p.set_defaults(func=cmd_plan)
     _add_sabakan_parser(sub, reader)
     from cke.cli.sshcmd import add_ssh_parsers  # here: sshcmd imports this module
 
@@ -924,6 +961,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cke.cli.rebootcmd import add_reboot_parsers  # here: rebootcmd imports this module
 
     add_reboot_parsers(sub, _Parser)
+    from cke.cli.repaircmd import add_repair_parsers  # here: repaircmd imports this module
+
+    add_repair_parsers(sub, _Parser)
     return parser
 
 

@@ -323,15 +323,35 @@ class ProcessNode(Node):
     def up(self) -> bool:
         return self._holder is not None and self._holder.running
 
+    def _holding(self) -> int | None:
+        """The PID of the process holding the node's namespace, while it still does.
+
+        The namespace is this node's only while its holder lives in it: once the last
+        process leaves, the kernel may give its number to a new namespace (another node's,
+        another bed's), whose processes a scan by number would then find and kill.
+        """
+        holder = self._holder
+        if self.namespace is None or holder is None or holder.pid is None:
+            return None
+        if not holder.running or mount_namespace(holder.pid) != self.namespace:
+            return None
+        return holder.pid
+
     def processes(self) -> list[int]:
-        """PIDs of every process running in this node."""
-        return pids_in_namespace(self.namespace) if self.namespace else []
+        """PIDs of every process running in this node (none once its holder is gone)."""
+        if self._holding() is None or self.namespace is None:
+            return []
+        return pids_in_namespace(self.namespace)
 
     async def crash(self) -> None:
-        """Kill every process of the node at once, as a power loss would. Files stay."""
-        if self.namespace:
+        """Kill every process of the node at once, as a power loss would. Files stay.
+
+        The holder goes last, so that the namespace stays this node's while it is swept.
+        """
+        holder = self._holding()
+        if holder is not None:
             for _ in range(20):
-                pids = self.processes()
+                pids = [pid for pid in self.processes() if pid != holder]
                 if not pids:
                     break
                 for pid in pids:
@@ -592,8 +612,14 @@ class SystemdNode(Node):
         raise RuntimeError(f"{self.name}: the container's init did not appear")
 
     def processes(self) -> list[int]:
-        """PIDs of every process of the node (its PID namespace), init included."""
-        return pids_in_namespace(self.pid_namespace) if self.pid_namespace else []
+        """PIDs of every process of the node (its PID namespace), init included; none
+        once init is gone (the kernel may give the namespace's number to a new one)."""
+        init = self.init_pid
+        if self.pid_namespace is None or init is None:
+            return []
+        if namespace_of(init, "pid") != self.pid_namespace:
+            return []
+        return pids_in_namespace(self.pid_namespace)
 
     async def exec(self, *argv: str, timeout: float = 60.0) -> CommandResult:
         """Run ``argv`` inside the node as root, without SSH (as on its console)."""

@@ -174,25 +174,31 @@ async def booted_nodes(
     not booted yet."""
     command = cluster.reboot.boot_check_command
     nodes = {n.address: n for n in cluster.nodes}
-    checks = [
-        (nodes[e.node], e)
-        for e in entries
-        if e.status == STATUS_REBOOTING and e.node in nodes and command
-    ]
+    timeout = min(command_timeout(cluster.reboot), BOOT_CHECK_TIMEOUT)
+    checks: list[tuple[Node, list[str], float]] = []
+    for e in entries:
+        if e.status == STATUS_REBOOTING and e.node in nodes and command:
+            since = e.last_transition_time
+            stamp = str(int(since.timestamp())) if since is not None else "0"
+            checks.append((nodes[e.node], [*command, e.node, stamp], timeout))
+    return await answering_true(pool, checks, "boot check")
 
-    async def check(node: Node, entry: RebootEntry) -> bool:
-        since = entry.last_transition_time
-        stamp = str(int(since.timestamp())) if since is not None else "0"
-        argv = [*command, node.address, stamp]
-        timeout = min(command_timeout(cluster.reboot), BOOT_CHECK_TIMEOUT)
+
+async def answering_true(
+    pool: NodePool, checks: Sequence[tuple[Node, list[str], float]], what: str
+) -> frozenset[str]:
+    """The addresses of the nodes whose command (argv, timeout) prints ``true``, run all
+    at once; a node that does not answer, or a command that fails, does not count."""
+
+    async def check(node: Node, argv: list[str], timeout: float) -> bool:
         try:
             result = await pool.run(node, shlex.join(argv), timeout=timeout)
         except NotLeader:
             raise
         except Exception as exc:
-            log.debug("boot check: no answer", node=node.address, error=error_line(exc))
+            log.debug(f"{what}: no answer", node=node.address, error=error_line(exc))
             return False
         return result.ok and result.stdout.strip() == b"true"
 
-    answers = await asyncio.gather(*(check(n, e) for n, e in checks))
-    return frozenset(n.address for (n, _), ok in zip(checks, answers, strict=True) if ok)
+    answers = await asyncio.gather(*(check(n, a, t) for n, a, t in checks))
+    return frozenset(n.address for (n, _, _), ok in zip(checks, answers, strict=True) if ok)

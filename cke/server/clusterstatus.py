@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from cke.certinfo import CertInfo
 from cke.rebootqueue import QueueStatus
+from cke.repairqueue import RepairQueueStatus
 from cke.restore import RestoreRequest
 
 # A member whose raft applied index is within this many entries of the leader's
@@ -178,3 +179,4 @@ class ClusterStatus:
     restore_problem: str = ""
     # The reboot queue (``ckecli reboot-queue``) and the boot checks of its nodes.
     reboots: QueueStatus = field(default_factory=QueueStatus)
+    repairs: RepairQueueStatus = field(default_factory=RepairQueueStatus)

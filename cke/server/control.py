@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
@@ -36,9 +36,11 @@ from cke.nodes.runtime import runtime_for
 from cke.op.base import OpContext
 from cke.op.etcd import EtcdRenewCertsOp
 from cke.op.reboot import booted_nodes
+from cke.op.repair import healthy_machines
 from cke.op.rivers import rivers_app
 from cke.pki import TIDY_SAFETY_BUFFER, CertIssuer
 from cke.rebootqueue import QueueStatus
+from cke.repairqueue import RepairQueueStatus
 from cke.restore import RestoreError, SnapshotChecker, parse_request
 from cke.sabakan.integration import (
     RESULT_ERROR,
@@ -56,11 +58,14 @@ from cke.server.infra import Infrastructure
 from cke.server.metrics import ServerMetrics
 from cke.server.phases import Phase
 from cke.server.safety import RULE_HOST_KEY_VERIFIED, host_key_verified
+from cke.server.statusjson import Collected, CollectedWriter
 from cke.server.strategy import Blocked, Decision, decide
 from cke.storage import (
     KEY_CLUSTER,
     KEY_CONSTRAINTS,
+    KEY_ETCD_RESTORE,
     KEY_REBOOTS_PREFIX,
+    KEY_REPAIRS_PREFIX,
     LeaderKey,
     NotLeader,
     Status,
@@ -78,7 +83,13 @@ T = TypeVar("T")
 # Phases in which the world changes by itself (a member starting up, a learner
 # catching up): decide again soon rather than after the whole interval.
 RETRY_SOON_PHASES = frozenset(
-    {Phase.ETCD_WAIT, Phase.ETCD_BOOT_ABORTED, Phase.ETCD_MAINTAIN_ABORTED, Phase.REBOOT}
+    {
+        Phase.ETCD_WAIT,
+        Phase.ETCD_BOOT_ABORTED,
+        Phase.ETCD_MAINTAIN_ABORTED,
+        Phase.REBOOT,
+        Phase.REPAIR,
+    }
 )
 # How soon: a started member answers within a fraction of a second, so the first retry
 # comes quickly; the wait doubles while the world stays unsettled, up to RETRY_SOON_MAX.
@@ -178,6 +189,24 @@ def decide_safely(
         return Decision([], Phase.DECISION_FAILED, [blocked])
 
 
+def full_decision(
+    cluster: Cluster | None,
+    constraints: Constraints,
+    status: ClusterStatus,
+    extra_blocked: Sequence[Blocked] = (),
+    vault_away: str = "",
+) -> Decision:
+    """The leader's whole decision on a collected status (pure; ``ckecli plan`` runs it
+    again): ``decide_safely``, the CA rotation records it could not read
+    (``extra_blocked``), and Vault's state when it is unavailable (``vault_away``)."""
+    decision = decide_safely(cluster, constraints, status)
+    if extra_blocked:
+        decision = dataclasses.replace(decision, blocked=[*decision.blocked, *extra_blocked])
+    if vault_away:
+        decision = held_for_vault(decision, vault_away)
+    return decision
+
+
 Trusted = tuple[str, ...]  # key ids of the CAs in one trust bundle
 
 
@@ -232,6 +261,7 @@ class Server:
         self._cluster_revision = 0
         self._last_certs: dict[str, tuple[Mapping[str, CertInfo], Mapping[str, Trusted]]] = {}
         self._snapshots = SnapshotChecker()
+        self._collected = CollectedWriter()  # what ``ckecli plan`` replays
         self.stop_requested = asyncio.Event()
         self._wake = asyncio.Event()
         # The members whose connections the leader watches (healthy at the last status),
@@ -288,7 +318,11 @@ class Server:
             self.infra.leader = leader
         await self.cancel_unfinished_records(leader)
         watcher = asyncio.create_task(self._watch_config())
-        reboots = asyncio.create_task(self._watch_reboot_queue())
+        # ckecli's requests: the reboot and repair queues, a restore after quorum loss.
+        requests = [
+            asyncio.create_task(self._watch_prefix(prefix))
+            for prefix in (KEY_REBOOTS_PREFIX, KEY_REPAIRS_PREFIX, KEY_ETCD_RESTORE)
+        ]
         tidier = asyncio.create_task(self._tidy_certificates()) if self.vault else None
         members = asyncio.create_task(self._watch_members())
         backups = asyncio.create_task(self._scheduled_backups()) if self.backups else None
@@ -338,7 +372,7 @@ class Server:
         finally:
             if self.infra is not None:
                 self.infra.leader = None
-            for task in (watcher, reboots, tidier, members, backups):
+            for task in (watcher, *requests, tidier, members, backups):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -508,6 +542,29 @@ class Server:
         )
         return dataclasses.replace(status, reboots=queue)
 
+    async def with_repair_queue(
+        self, cluster: Cluster | None, status: ClusterStatus
+    ) -> ClusterStatus:
+        """The repair queue, and which of its unfinished entries' machines the health
+        check says are healthy."""
+        entries = await self.storage.get_repair_entries()
+        enabled = await self.storage.repair_queue_enabled()
+        nodes = [n.address for n in cluster.nodes] if cluster is not None else []
+        self.metrics.set_repair_queue(enabled, [e for e, _ in entries], nodes)
+        if not entries:
+            return status
+        healthy: frozenset[str] = frozenset()
+        if cluster is not None and self.infra is not None:
+            healthy = await healthy_machines(self.infra.pool, cluster, [e for e, _ in entries])
+        queue = RepairQueueStatus(
+            entries=tuple(e for e, _ in entries),
+            revisions={e.index: revision for e, revision in entries},
+            enabled=enabled,
+            healthy=healthy,
+            now=dt.datetime.now(dt.UTC),
+        )
+        return dataclasses.replace(status, repairs=queue)
+
     def _with_last_seen_certificates(self, status: ClusterStatus) -> ClusterStatus:
         """Nodes that did not answer keep the certificates last seen on them, so that a
         certificate expiring on an unreachable node is still reported."""
@@ -528,6 +585,9 @@ class Server:
         etcd_members: list[str] | None = None
         certificates: dict[str, Any] = {}
         vault_away = self.vault is not None and not self.vault.ready
+        away = (self.vault.state or "unavailable") if vault_away and self.vault else ""
+        collected: ClusterStatus | None = None  # what the decision was made from
+        extra_blocked: list[Blocked] = []
         if config_blocked:
             decision = Decision([], Phase.CONFIG_INVALID, config_blocked)
         elif (
@@ -546,11 +606,9 @@ class Server:
             pki, pki_blocked = await self.load_pki()
             status = await self.with_restore_request(await self.collect_status(cluster, pki))
             status = await self.with_reboot_queue(cluster, status)
-            decision = decide_safely(cluster, constraints, status)
-            if pki_blocked:
-                decision = dataclasses.replace(decision, blocked=[*decision.blocked, *pki_blocked])
-            if vault_away and self.vault is not None:
-                decision = held_for_vault(decision, self.vault.state)
+            status = await self.with_repair_queue(cluster, status)
+            collected, extra_blocked = status, pki_blocked
+            decision = full_decision(cluster, constraints, status, pki_blocked, away)
             certificates = certificate_summary(status)
             if status.etcd.reachable:
                 etcd_members = sorted(m.address for m in status.etcd.voters)
@@ -574,11 +632,31 @@ class Server:
             etcd_members = previous.etcd_members if previous else []
         if decision.operators:
             last_operation = decision.operators[0].name
+        timestamp = now_rfc3339()
+        collected_json = self._collected.text(
+            Collected(
+                timestamp=timestamp,
+                leader=self.name,
+                cluster_revision=self._cluster_revision,
+                status=collected,
+                extra_blocked=tuple(extra_blocked),
+                vault_away=away,
+                phase=decision.phase.value if collected is None else "",
+                blocked=tuple(decision.blocked) if collected is None else (),
+            ),
+            leader.create_revision,
+            time.monotonic(),
+            (
+                decision.phase,
+                [(op.name, op.targets) for op in decision.operators],
+                decision.blocked,
+            ),
+        )
         await self.storage.put_status(
             leader,
             Status(
                 phase=decision.phase.value,
-                timestamp=now_rfc3339(),
+                timestamp=timestamp,
                 leader=self.name,
                 blocked=[b.to_dict() for b in decision.blocked],
                 last_operation=last_operation,
@@ -590,7 +668,9 @@ class Server:
                 ca_rotations={p.name: p.to_dict() for p in decision.rotations},
                 rivers=decision.rivers,
             ),
+            collected_json,
         )
+        self._collected.stored()
         self.metrics.set_phase(decision.phase.value)
         if decision.blocked:
             log.info(
@@ -647,10 +727,11 @@ class Server:
             self._wake.set()  # decide on the new cluster at once
         return report.to_dict()
 
-    async def _watch_reboot_queue(self) -> None:
-        """Wake the loop when ckecli changes the reboot queue (add, cancel, enable)."""
+    async def _watch_prefix(self, prefix: str) -> None:
+        """Wake the loop when a key under ``prefix`` changes: ckecli asked for something
+        (a reboot, a repair, a restore), so the leader acts now, not at the next interval."""
         assert self.client.watch is not None
-        start = self.storage.key(KEY_REBOOTS_PREFIX)
+        start = self.storage.key(prefix)
         async for response in self.client.watch.watch(start, range_end=prefix_range_end(start)):
             if response.events:
                 self._wake.set()

@@ -17,11 +17,13 @@ from prometheus_client import (
 )
 
 from cke.rebootqueue import count_by_status, dedup
+from cke.repairqueue import count_by_status as repair_counts
 from cke.server.phases import ALL_PHASES
 
 if TYPE_CHECKING:
     from cke.backup import BackupInfo
     from cke.rebootqueue import RebootEntry
+    from cke.repairqueue import RepairEntry
 
 
 class ServerMetrics:
@@ -104,6 +106,28 @@ class ServerMetrics:
             ["node", "status"],
             registry=self.registry,
         )
+        # CKE's repair queue metrics (docs/metrics.md), set by the leader every round.
+        self.repair_queue_enabled = Gauge(
+            "cke_repair_queue_enabled", "1 if the repair queue is enabled", registry=self.registry
+        )
+        self.repair_queue_items = Gauge(
+            "cke_repair_queue_items",
+            "The number of repair queue entries remaining per status",
+            ["status"],
+            registry=self.registry,
+        )
+        self.repair_queue_entries = Gauge(
+            "cke_repair_queue_entries",
+            "Information about repair queue entries (always 1)",
+            ["index", "address", "operation", "status", "step"],
+            registry=self.registry,
+        )
+        self.machine_repair_status = Gauge(
+            "cke_machine_repair_status",
+            "1 if the machine has a repair queue entry in the status, else 0",
+            ["address", "status"],
+            registry=self.registry,
+        )
         self.certificate_expiry = Gauge(
             "cke_certificate_expiry_timestamp_seconds",
             'Unix time when each certificate cke manages expires (node "": cke\'s own)',
@@ -178,6 +202,33 @@ class ServerMetrics:
             for status in counts:
                 value = 1 if current.get(address) == status else 0
                 self.node_reboot_status.labels(node=name, status=status).set(value)
+
+    def set_repair_queue(
+        self, enabled: bool, entries: Sequence[RepairEntry], nodes: Sequence[str]
+    ) -> None:
+        """The queue's gauges; ``nodes``: every cluster node's address (CKE's
+        ``BuildMachineRepairStatus``: those and the entries' machines)."""
+        counts = repair_counts(entries)
+        self.repair_queue_enabled.set(1 if enabled else 0)
+        for status, count in counts.items():
+            self.repair_queue_items.labels(status=status).set(count)
+        self.repair_queue_entries.clear()
+        for e in entries:
+            self.repair_queue_entries.labels(
+                index=str(e.index),
+                address=e.address,
+                operation=e.operation,
+                status=e.status,
+                step=str(e.step),
+            ).set(1)
+        statuses: dict[str, set[str]] = {a: set() for a in nodes}
+        for e in entries:
+            statuses.setdefault(e.address, set()).add(e.status)
+        self.machine_repair_status.clear()
+        for address, present in sorted(statuses.items()):
+            for status in counts:
+                value = 1 if status in present else 0
+                self.machine_repair_status.labels(address=address, status=status).set(value)
 
     def set_sabakan(self, successful: bool, workers: dict[str, int], unused: int) -> None:
         self.sabakan_successful.set(1 if successful else 0)

@@ -39,6 +39,11 @@ Rule names:
 ``reboot-control-plane-in-sync`` (13) a control plane reboots only with a healthy
                                 leader and every member in sync
 ``reboot-one-control-plane-at-a-time`` (13) a control plane reboots alone
+``etcd-good-for-repair``        (14) the repair queue is worked only with a healthy etcd
+                                whose out-of-sync members are all on unreachable
+                                control planes, and at most one control plane short
+``repair-entry-usable``         (14) a repair entry whose machine is not a node of the
+                                cluster, or that no repair procedure matches, waits
 ==============================  =====================================================
 """
 
@@ -55,6 +60,7 @@ __all__ = [
     "RULE_CLUSTER_HEALTHY_AND_IN_SYNC",
     "RULE_DEFRAG_WHEN_IN_SYNC",
     "RULE_DESTROY_ONLY_NON_MEMBERS",
+    "RULE_ETCD_GOOD_FOR_REPAIR",
     "RULE_ETCD_NOSPACE",
     "RULE_ETCD_QUORUM_LOST",
     "RULE_HOST_KEY_VERIFIED",
@@ -67,6 +73,7 @@ __all__ = [
     "RULE_REBOOT_CONTROL_PLANE_IN_SYNC",
     "RULE_REBOOT_ONE_CONTROL_PLANE_AT_A_TIME",
     "RULE_REBOOT_UNREACHABLE_WITHIN_LIMIT",
+    "RULE_REPAIR_ENTRY_USABLE",
     "RULE_REPLACEMENT_ADDED_FIRST",
     "RULE_RESTORE_ONLY_AFTER_QUORUM_LOSS",
     "RULE_RESTORE_SNAPSHOT_USABLE",
@@ -76,6 +83,7 @@ __all__ = [
     "cluster_healthy_and_in_sync",
     "defrag_when_in_sync",
     "destroy_only_non_members",
+    "etcd_good_for_repair",
     "etcd_nospace",
     "etcd_quorum_lost",
     "host_key_verified",
@@ -90,6 +98,7 @@ __all__ = [
     "reboot_control_plane_in_sync",
     "reboot_one_control_plane_at_a_time",
     "reboot_unreachable_within_limit",
+    "repair_entry_usable",
     "replacement_added_first",
     "restore_only_after_quorum_loss",
     "restore_snapshot_usable",
@@ -116,6 +125,8 @@ RULE_REBOOT_COMMANDS_CONFIGURED = "reboot-commands-configured"
 RULE_REBOOT_UNREACHABLE_WITHIN_LIMIT = "reboot-unreachable-within-limit"
 RULE_REBOOT_CONTROL_PLANE_IN_SYNC = "reboot-control-plane-in-sync"
 RULE_REBOOT_ONE_CONTROL_PLANE_AT_A_TIME = "reboot-one-control-plane-at-a-time"
+RULE_ETCD_GOOD_FOR_REPAIR = "etcd-good-for-repair"
+RULE_REPAIR_ENTRY_USABLE = "repair-entry-usable"
 # Where the operator finds the way back, named in the quorum-loss message.
 RESTORE_RUNBOOK = "README, 'Restore after quorum loss'"
 
@@ -717,4 +728,64 @@ def reboot_one_control_plane_at_a_time(
         f"the reboot of {address} waits: {_names(others)} are still rebooting, and a "
         "control plane reboots alone.",
         (address, *others),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rule 14.  The repair queue (CKE's ``EtcdIsGoodForRepair``, cke#896): repairing a
+# machine may cost its member for a while, so etcd must afford it; a member out of sync
+# is tolerated only on a control plane SSH cannot reach (the failure being repaired).
+# ---------------------------------------------------------------------------
+
+
+def etcd_good_for_repair(
+    cluster: Cluster, status: ClusterStatus, control_plane_count: int
+) -> Blocked | None:
+    """Refuse to work the repair queue unless etcd has a healthy leader, every member not
+    in sync runs on a control plane that SSH cannot reach, and at least
+    ``control_plane_count - 1`` members are in sync."""
+    etcd = status.etcd
+    leader = etcd.leader
+    if not etcd.reachable or leader is None or not leader.healthy:
+        return Blocked(
+            RULE_ETCD_GOOD_FOR_REPAIR,
+            "etcd has no healthy leader; repairs wait until it recovers.",
+        )
+    control_planes = {n.address for n in cluster.control_planes}
+    in_sync = 0
+    lagging: list[str] = []
+    for m in etcd.members:
+        if etcd.in_sync(m):
+            in_sync += 1
+            continue
+        ns = status.nodes.get(m.address)
+        if m.address not in control_planes or (ns is not None and ns.ssh_ok):
+            lagging.append(m.address)
+    if lagging:
+        return Blocked(
+            RULE_ETCD_GOOD_FOR_REPAIR,
+            f"etcd member(s) {_names(sorted(lagging))} are out of sync but not on an "
+            "unreachable control plane; repairs wait until they catch up.",
+            tuple(sorted(lagging)),
+        )
+    if in_sync < control_plane_count - 1:
+        return Blocked(
+            RULE_ETCD_GOOD_FOR_REPAIR,
+            f"only {in_sync} etcd member(s) are in sync, fewer than control-plane-count - 1 "
+            f"({control_plane_count - 1}); repairs wait.",
+        )
+    return None
+
+
+def repair_entry_usable(problems: Iterable[tuple[str, str]]) -> Blocked | None:
+    """Report repair entries the leader leaves alone: ``problems`` are (address, why)."""
+    found = sorted(problems)
+    if not found:
+        return None
+    return Blocked(
+        RULE_REPAIR_ENTRY_USABLE,
+        "repair queue entries wait: "
+        + "; ".join(f"{address}: {why}" for address, why in found)
+        + ". Fix the cluster's repair section or delete the entries.",
+        tuple(sorted({a for a, _ in found})),
     )

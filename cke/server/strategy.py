@@ -46,6 +46,11 @@ The etcd part follows CKE's ``server/strategy.go``:
    i. start stopped and restart outdated rivers and etcd-rivers (phase ``rivers``,
       :mod:`cke.op.rivers`), ``max_concurrent_updates`` nodes at a time.
    (a)-(d) are membership changes; (e) and (f) keep going when those are blocked.
+4'. **repair** - CKE's step 10, once nothing in (4) is to be done, before the waits for
+   held-back steps and out-of-sync members (a repair is what ends them): remove deleted
+   entries, finish healthy ones, run the next repair command (:mod:`cke.op.repair`,
+   :func:`cke.repairqueue.plan_repairs`), only while etcd is good for repair (rule 14,
+   ``etcd-good-for-repair``).
 5. **reboot** - only when nothing above is to be done or held back and every member is
    in sync (CKE's step 11): remove cancelled entries and entries whose node booted,
    else reboot one queued node (``reboot``, :mod:`cke.op.reboot`): workers first, at
@@ -84,6 +89,7 @@ from cke.op.etcd import (
     desired_etcd_digest,
 )
 from cke.op.reboot import RebootDequeueOp, RebootOp
+from cke.op.repair import RepairDequeueOp, RepairExecuteOp, RepairFinishOp
 from cke.op.restore import EtcdRestoreOp
 from cke.op.rivers import KINDS, RiversKind, RiversOp, RiversStopOp, rivers_spec
 from cke.rebootqueue import (
@@ -91,8 +97,17 @@ from cke.rebootqueue import (
     IN_PROGRESS,
     STATUS_CANCELLED,
     STATUS_REBOOTING,
+    EntryError,
     choose_candidates,
     dedup,
+)
+from cke.repairqueue import (
+    ACTION_DEQUEUE,
+    ACTION_FAIL,
+    ACTION_SUCCEED,
+    RepairEntry,
+    find_operation,
+    plan_repairs,
 )
 from cke.server.carotation import CARotationOp, Progress, rotation_progress
 from cke.server.certrenewal import RULE_CERTIFICATES_RENEWED, Due, node_renewals
@@ -104,6 +119,7 @@ from cke.server.safety import (
     cluster_healthy_and_in_sync,
     defrag_when_in_sync,
     destroy_only_non_members,
+    etcd_good_for_repair,
     etcd_nospace,
     etcd_quorum_lost,
     host_key_verified,
@@ -117,6 +133,7 @@ from cke.server.safety import (
     reboot_control_plane_in_sync,
     reboot_one_control_plane_at_a_time,
     reboot_unreachable_within_limit,
+    repair_entry_usable,
     replacement_added_first,
     restore_only_after_quorum_loss,
     restore_snapshot_usable,
@@ -207,6 +224,8 @@ class _Etcd:
         self.trust = status.pki.trust
         self._rivers_digests: dict[tuple[str, str, tuple[str, ...]], str] = {}
         self.blocks = _Blocks()
+        # Reports that hold nothing back (they never change the phase).
+        self.reports: list[Blocked] = []
 
     # -- node state --------------------------------------------------------
 
@@ -260,7 +279,8 @@ class _Etcd:
         decision = self._decide()
         rotations = self.rotations() if self.status.pki.rotations else []
         rivers = self.rivers_summary() if self.etcd.reachable and self.status.rivers_app else {}
-        return Decision(decision.operators, decision.phase, decision.blocked, rotations, rivers)
+        blocked = [*decision.blocked, *(b for b in self.reports if b not in decision.blocked)]
+        return Decision(decision.operators, decision.phase, blocked, rotations, rivers)
 
     def _decide(self) -> Decision:
         if not self.bootstrapped():
@@ -287,6 +307,11 @@ class _Etcd:
         if op is not None:
             phase = Phase.RIVERS if isinstance(op, RiversOp | RiversStopOp) else Phase.ETCD_MAINTAIN
             return Decision([op], phase, self.blocks.items)
+        # CKE's step 10: the repair queue, before the waits below (repairing a crashed
+        # control plane is what ends them), when etcd can afford it.
+        repair = self.repair()
+        if repair is not None:
+            return repair
         if self.blocks.items:
             return Decision([], ETCD_MAINTAIN_ABORTED, self.blocks.items)
         if not all(self.etcd.in_sync(m) for m in self.etcd.members):
@@ -790,6 +815,63 @@ class _Etcd:
             move_leader_to=target,
         )
         return Decision([op], Phase.REBOOT, self.blocks.items)
+
+    # -- the repair queue (CKE's repairOps) ---------------------------------------------
+
+    def repair(self) -> Decision | None:
+        """One step of the repair queue (:func:`cke.repairqueue.plan_repairs`): remove
+        deleted entries, finish healthy ones, run the next repair command; only while
+        etcd is good for repair (rule 14). None: nothing to do or wait for. CKE drains
+        the node before a ``need_drain`` step; there is no Kubernetes here, so nothing
+        is cordoned or evicted."""
+        q = self.status.repairs
+        if not q.entries:
+            return None
+        rebooting_cps = [
+            e.node
+            for e in self.status.reboots.entries
+            if e.status in IN_PROGRESS and e.node in self.cp_addresses
+        ]
+        plan = plan_repairs(self.cluster, q, self.cp_addresses, rebooting_cps)
+        unusable = repair_entry_usable(
+            (e.address, self.repair_problem(e)) for e in plan.unknown if not e.deleted
+        )
+        if not plan.active:
+            # Reported only: such entries hold neither the phase nor the reboot queue.
+            if unusable is not None:
+                self.reports.append(unusable)
+            return None
+        self.blocks.add(unusable)
+        refused = etcd_good_for_repair(
+            self.cluster, self.status, self.constraints.control_plane_count
+        )
+        if refused is not None:
+            self.blocks.add(refused)
+            return Decision([], Phase.REPAIR, self.blocks.items)
+        for action in plan.actions:
+            revision = q.revisions.get(action.entry.index, 0)
+            node = self.nodes.get(action.entry.address)
+            op: Operator
+            if action.kind == ACTION_DEQUEUE:
+                op = RepairDequeueOp(action.entry)
+            elif action.kind in (ACTION_SUCCEED, ACTION_FAIL):
+                ok = action.kind == ACTION_SUCCEED
+                op = RepairFinishOp(node, action.entry, revision, self.cluster, ok)
+            elif node is not None and self.sendable([node]):
+                op = RepairExecuteOp(node, action.entry, revision, self.cluster, action.step)
+            else:
+                continue
+            return Decision([op], Phase.REPAIR, self.blocks.items)
+        return Decision([], Phase.REPAIR, self.blocks.items)
+
+    def repair_problem(self, entry: RepairEntry) -> str:
+        if entry.address not in self.nodes:
+            return "not a node of the cluster (cke runs repair commands on it over SSH)"
+        try:
+            find_operation(self.cluster, entry.machine_type, entry.operation)
+        except EntryError as exc:
+            return str(exc)
+        return "unusable"
 
     def _has_etcd(self, address: str) -> bool:
         ns = self.ns(address)

@@ -259,12 +259,17 @@ async def test_stalled_readers_memory_is_bounded_and_given_back(tmp_path: Path) 
     stalled = 0
     ended: list[str] = []  # floods that ended otherwise: finished or cut off, and how
     all_stalled = asyncio.Event()
+    # Every client is connected (and proxied) before any flood starts: floods already
+    # running (~1 GB through loopback in all) starved this process's event loop, so a
+    # late client's dial once went unanswered for 10 s on a loaded machine.
+    go = asyncio.Event()
 
     async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # At most 64 MiB per connection; done once rivers stops taking data for 1 s.
         nonlocal stalled
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+        await go.wait()
         try:
             for _ in range(1024):
                 writer.write(chunk)
@@ -305,6 +310,7 @@ async def test_stalled_readers_memory_is_bounded_and_given_back(tmp_path: Path) 
                         break
                     await asyncio.sleep(0.05)
                 assert upstream.accepted >= len(clients), "rivers did not dial the upstream"
+            go.set()
 
             # Before a flood stalls, rivers' kernel buffers fill (about 5 MB per
             # connection, 1 GB in all): 5 s on a quiet machine. This waits for

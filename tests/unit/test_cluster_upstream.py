@@ -413,7 +413,6 @@ def test_inert_fields_lists_what_cke_does_not_act_on() -> None:
         "taint_control_plane",
         "control_plane_tolerations",
         "dns_service",
-        "repair",
         "sabakan",
         "trusted_rest_mappings",
         # The reboot queue uses the commands; the drain settings need Kubernetes.
@@ -422,6 +421,11 @@ def test_inert_fields_lists_what_cke_does_not_act_on() -> None:
         "reboot.evict_interval",
         "reboot.protected_namespaces",
         "reboot.protected_job_pods",
+        # So does the repair queue.
+        "repair.protected_namespaces",
+        "repair.evict_retries",
+        "repair.evict_interval",
+        "repair.eviction_timeout_seconds",
         "options.etcd.extra_binds",
         "options.etcd.volume_name",
         "options.kube-api.audit_log_enabled",
