@@ -116,6 +116,26 @@ class TestBed:
                 return n
         raise KeyError(name_or_address)
 
+    def openssh_argv(self, node: Node, command: str) -> list[str]:
+        """The OpenSSH client running ``command`` on ``node`` as root with the bed's key and
+        the node's pinned host key only (nothing from the user's own ssh configuration)."""
+        options = (
+            "BatchMode=yes",
+            "IdentitiesOnly=yes",
+            "IdentityAgent=none",
+            "StrictHostKeyChecking=yes",
+            f"UserKnownHostsFile={node.directory / 'known_hosts'}",
+            "GlobalKnownHostsFile=/dev/null",
+            "ControlMaster=no",
+            "ControlPath=none",
+            "ConnectTimeout=15",
+            "LogLevel=ERROR",
+        )
+        argv = ["ssh", "-F", "/dev/null", "-i", str(self.ssh_key_path)]
+        for option in options:
+            argv += ["-o", option]
+        return [*argv, "-p", str(node.port), f"root@{node.address}", command]
+
     async def run(self, node: Node | str, command: str, timeout: float = 60.0) -> CommandResult:
         """Run ``command`` on a node over SSH, exactly as the manager does."""
         target = node if isinstance(node, Node) else self.node(node)
