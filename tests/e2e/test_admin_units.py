@@ -78,7 +78,9 @@ def install_binds(bin_dir: Path) -> list[Bind]:
     """The entry points on /usr/local/bin, the source and the dependencies under /opt."""
     return [
         Bind(str(bin_dir), "/usr/local/bin"),
-        Bind(str(REPO), INSTALL_SOURCE),
+        # The packages, not the checkout: a checkout made with ``mktemp -d`` is mode 0700,
+        # and through a bind of it rivers' DynamicUser= could not import anything.
+        *(Bind(str(REPO / package), f"{INSTALL_SOURCE}/{package}") for package in PROGRAMS),
         Bind(sysconfig.get_paths()["purelib"], INSTALL_SITE),
     ]
 
