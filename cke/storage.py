@@ -22,6 +22,8 @@ All keys live under the configured prefix (default ``/cke/``), as in CKE's
 ``repairs/data/<016x>``   repair queue entries (JSON; cke/repairqueue.py)
 ``repairs/write-index``   the next repair queue index (decimal)
 ``repairs/disabled``      ``true``: the repair queue is not processed
+``auto-repair/disabled``   ``true``: no repair entries from sabakan's reports
+``auto-repair/query-variables``  which machines auto-repair asks sabakan for (JSON)
 =========================  ====================================================
 
 Every write the leader makes goes through ``Storage.fenced`` with its
@@ -75,6 +77,9 @@ KEY_REPAIRS_PREFIX = "repairs/"
 KEY_REPAIRS_DATA_PREFIX = "repairs/data/"
 KEY_REPAIRS_WRITE_INDEX = "repairs/write-index"
 KEY_REPAIRS_DISABLED = "repairs/disabled"
+KEY_AUTO_REPAIR_PREFIX = "auto-repair/"
+KEY_AUTO_REPAIR_DISABLED = "auto-repair/disabled"
+KEY_AUTO_REPAIR_QUERY_VARIABLES = "auto-repair/query-variables"
 KEY_ETCD_RESTORE = "etcd-restore"  # ckecli's request to restore etcd from a snapshot
 
 DEFAULT_RECORD_LIMIT = 1000
@@ -702,3 +707,30 @@ class Storage:
 
     async def set_repair_queue_disabled(self, disabled: bool) -> None:
         await self.put_setting(KEY_REPAIRS_DISABLED, "true" if disabled else "false")
+
+    async def fenced_add_repair_entries(
+        self, leader: LeaderKey, entries: Sequence[RepairEntry]
+    ) -> list[RepairEntry] | None:
+        """As the leader, queue ``entries`` (sabakan-triggered repairs) in one transaction
+        at the next indexes; None when the queue's write index moved since it was read
+        (``ckecli repair-queue add`` meanwhile: decide again on the new queue)."""
+        got = await self.get(KEY_REPAIRS_WRITE_INDEX)
+        text = got.value.decode(errors="replace").strip() if got.value is not None else "0"
+        if not text.isdecimal():
+            raise UnreadableValue(f"{KEY_REPAIRS_WRITE_INDEX}: not a decimal number")
+        first = int(text)
+        queued = [dataclasses.replace(e, index=first + i) for i, e in enumerate(entries)]
+        ops = [self.kv.txn_op_put(self.key(self._repair_key(e.index)), e.to_json()) for e in queued]
+        ops.append(self.kv.txn_op_put(self.key(KEY_REPAIRS_WRITE_INDEX), str(first + len(queued))))
+        compare = self._mod_revision_is(self.key(KEY_REPAIRS_WRITE_INDEX), got.mod_revision)
+        if not await self.fenced(leader, ops, [compare]):
+            return None
+        return queued
+
+    # -- sabakan-triggered repair (``ckecli auto-repair``) ----------------------------------
+
+    async def get_auto_repair(self) -> dict[str, bytes]:
+        """Every ``auto-repair/...`` setting in one read, by key."""
+        resp = await self._prefix_range(KEY_AUTO_REPAIR_PREFIX, SortOrder.ASCEND, SortTarget.KEY)
+        start = len(self.prefix)
+        return {kv.key.decode(errors="replace")[start:]: kv.value for kv in resp.kvs}

@@ -5,24 +5,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import re
 import resource
 import signal
 import socket
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from etcd3aio import EtcdError
 
 from cke.backup import add_backup_flags, backup_schedule
+from cke.cluster import ClusterError, cluster_from_json, constraints_from_json
 from cke.common.durations import parse_duration
 from cke.common.etcd import ConfigError, authenticate, load_etcd_settings, make_client
 from cke.common.httpserver import parse_listen_address, start_http
-from cke.common.logs import get_logger, setup_logging
+from cke.common.logs import error_line, get_logger, setup_logging
+from cke.sabakan.autorepair import AutoRepairer
 from cke.sabakan.integration import Integrator
 from cke.server.clusterstatus import DEFAULT_DEFRAG_IN_USE_RATIO, DefragPolicy
 from cke.server.control import Server
 from cke.server.infra import Infrastructure
 from cke.server.metrics import ServerMetrics
-from cke.storage import Storage
+from cke.storage import Storage, UnreadableValue, stored_text
 from cke.vault import VaultConfig, VaultSession, parse_vault_config
 
 log = get_logger("cke")
@@ -93,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         "but to recover from NOSPACE) (not CKE's)",
     )
     add_backup_flags(p)
+    p.add_argument(
+        "--debug-sabakan",
+        action="store_true",
+        help="print what the sabakan integration (generation and auto-repair) would do "
+        "now, as JSON, and exit; nothing is stored (upstream's runs it without an election)",
+    )
     p.add_argument("--loglevel", default="info")
     p.add_argument("--logformat", default="plain")
     p.add_argument("--logfile", default=None)
@@ -210,6 +221,40 @@ async def _serve(
     return 0
 
 
+async def _debug_sabakan(args: argparse.Namespace) -> int:
+    """``--debug-sabakan``: one generation and one auto-repair round as a leader would
+    run them now, against the stored cluster, constraints and queues; printed, never
+    stored (a replica outside the election must not write what only a leader writes)."""
+    settings = load_etcd_settings(args.config)
+    client = make_client(settings)
+    await client.connect()
+    try:
+        await authenticate(client, settings)
+        storage = Storage(client, settings.prefix, timeout=max(settings.timeout, 2.0))
+        integrator = Integrator(storage)
+        status = await storage.get_status()
+        generation = await integrator.run(None, status.etcd_members if status else [])
+        doc: dict[str, Any] = {
+            "generation": generation.to_dict() if generation else "not enabled",
+            "auto-repair": "no cluster",
+        }
+        cluster_text = stored_text((await storage.get_cluster()).value, "cluster")
+        if cluster_text:
+            constraints_text = stored_text((await storage.get_constraints()).value, "constraints")
+            repairs = await AutoRepairer(storage, integrator.client).run(
+                None,
+                cluster_from_json(cluster_text),
+                constraints_from_json(constraints_text),
+                [e for e, _ in await storage.get_repair_entries()],
+                [e for e, _ in await storage.get_reboot_entries()],
+            )
+            doc["auto-repair"] = repairs.to_dict() if repairs else "not enabled"
+        print(json.dumps(doc, indent=2))
+    finally:
+        await client.close()
+    return 0
+
+
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft open-files limit to the hard one, as Go programs (CKE) do at start:
     cke keeps one SSH connection per node, and systemd's default soft limit (1024) runs
@@ -253,9 +298,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     raise_fd_limit()
     try:
+        if args.debug_sabakan:
+            return asyncio.run(_debug_sabakan(args))
         return asyncio.run(_serve(args, interval, round(ttl_seconds), gc_interval, defrag))
     except ConfigError as exc:
         print(f"cke: {exc}", file=sys.stderr)
+        return 1
+    except EtcdError as exc:
+        print(f"cke: etcd: {error_line(exc)}", file=sys.stderr)
+        return 1
+    except (ClusterError, UnreadableValue) as exc:
+        print(f"cke: stored configuration: {error_line(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"cke: {exc}", file=sys.stderr)

@@ -296,6 +296,26 @@ async def _follow_history(storage: Storage, args: argparse.Namespace) -> None:
             _print_followed(record, args.output)
 
 
+def _auto_repair_text(report: Any) -> list[str]:
+    """The last round of sabakan-triggered repair (``ckecli auto-repair``)."""
+    if not isinstance(report, dict):
+        return []
+    lines = ["auto-repair: " + (f"error: {report['error']}" if report.get("error") else "ran")]
+    for e in report.get("queued", []):
+        lines.append(f"  - queued #{e['index']}: {e['operation']} {e['address']}")
+    if report.get("refused"):
+        lines.append(
+            f"  - refused by rule {report['refused']['rule']}: {report['refused']['reason']}"
+        )
+    for s in report.get("skipped", []):
+        lines.append(
+            f"  - not queued: {s['serial']} {s['address']} by rule {s['rule']}: {s['reason']}"
+        )
+    if report.get("skipped-not-shown"):
+        lines.append(f"  - and {report['skipped-not-shown']} more not queued")
+    return lines
+
+
 def _status_text(doc: dict[str, Any]) -> str:
     lines = [
         f"leader: {doc['leader'] or '(none)'}",
@@ -313,8 +333,8 @@ def _status_text(doc: dict[str, Any]) -> str:
     else:
         lines.append("last operation: (none)")
     sabakan = doc.get("sabakan") or {}
-    if sabakan:
-        what = sabakan.get("result", "")
+    if sabakan.get("result"):
+        what = sabakan["result"]
         if sabakan.get("rule"):
             what += f" by rule {sabakan['rule']}"
         if sabakan.get("reason"):
@@ -322,6 +342,7 @@ def _status_text(doc: dict[str, Any]) -> str:
         lines.append(f"sabakan: {what} (at {sabakan.get('timestamp', '?')})")
         lines += [f"  - {change}" for change in sabakan.get("changes", [])]
         lines += [f"  - held: {held}" for held in sabakan.get("held", [])]
+    lines += _auto_repair_text(sabakan.get("auto-repair"))
     certificates = doc.get("certificates") or {}
     if certificates:
         lines.append("certificates (the first to expire on each node):")
@@ -964,6 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cke.cli.repaircmd import add_repair_parsers  # here: repaircmd imports this module
 
     add_repair_parsers(sub, _Parser)
+    from cke.cli.autorepaircmd import add_auto_repair_parsers  # here: it imports this module
+
+    add_auto_repair_parsers(sub, _Parser)
     return parser
 
 

@@ -52,9 +52,19 @@ class Inventory:
 
 
 async def start_inventory(
-    bed: TestBed, directory: Path, interval: float = 0.5, threshold: int = 3
+    bed: TestBed,
+    directory: Path,
+    interval: float = 0.5,
+    threshold: int = 3,
+    *,
+    check: list[str] | None = None,
+    bmc_type: str = "",
 ) -> Inventory:
-    """sabakan with every bed node registered, once every machine is healthy."""
+    """sabakan with every bed node registered, once every machine is healthy.
+
+    ``check``: the state setter's health command for the nodes' role (``{serial}`` and
+    ``{ipv4}`` replaced; exit 0 is healthy), as sabakan's ``roles`` setting;
+    ``bmc_type``: every machine's ``bmc.type`` (the repair procedures' machine type)."""
     https_port = free_port()
     server = bed.ca.issue("sabakan-server", "sabakan", client=False)
     sabakan = SabakanProcess(
@@ -65,6 +75,8 @@ async def start_inventory(
             "timeout": "0.5s",
             "unreachable-threshold": threshold,
             "healthy-threshold": 2,
+            "unhealthy-threshold": 2,
+            "roles": {ROLE: {"command": check}} if check else {},
         },
         extra={
             "https": f"127.0.0.1:{https_port}",
@@ -77,7 +89,13 @@ async def start_inventory(
     inventory = Inventory(sabakan, f"https://127.0.0.1:{https_port}")
     try:
         machines = [
-            {"serial": f"m{i}", "role": ROLE, "rack": i, "ipv4": [n.address]}
+            {
+                "serial": f"m{i}",
+                "role": ROLE,
+                "rack": i,
+                "ipv4": [n.address],
+                "bmc": {"type": bmc_type},
+            }
             for i, n in enumerate(bed.nodes)
         ]
         async with (
@@ -119,19 +137,24 @@ def template(runtime: str = "process") -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def set_url_args(d: Deployment, inventory: Inventory) -> tuple[str, ...]:
+    """``ckecli sabakan set-url`` with the client certificate ``cke`` of the bed's CA."""
+    client = d.bed.ca.issue("sabakan-client-cke", "cke", server=False)
+    return (
+        *("sabakan", "set-url", inventory.https_url),
+        *("--cacert", str(d.bed.ca.ca_path), "--cert", str(client.cert)),
+        *("--key", str(client.key)),
+    )
+
+
 async def enable_integration(d: Deployment, inventory: Inventory, control_planes: int) -> None:
     """``ckecli constraints set``, ``sabakan set-url`` (client certificate ``cke`` of the
     bed's CA), ``set-template`` and ``enable``."""
-    client = d.bed.ca.issue("sabakan-client-cke", "cke", server=False)
     template_path = d.dir / "sabakan-template.yml"
     template_path.write_text(template(bed_runtime(d.bed.nodes)))
     for args in (
         ("constraints", "set", "control-plane-count", str(control_planes)),
-        (
-            *("sabakan", "set-url", inventory.https_url),
-            *("--cacert", str(d.bed.ca.ca_path), "--cert", str(client.cert)),
-            *("--key", str(client.key)),
-        ),
+        set_url_args(d, inventory),
         ("sabakan", "set-template", str(template_path)),
         ("sabakan", "enable"),
     ):

@@ -192,6 +192,13 @@ class SabakanClient:
 
     def __init__(self) -> None:
         self._ctx: tuple[SabakanTLS, ssl.SSLContext] | None = None
+        # The last answer, kept for the rest of the leader's round: the generator and
+        # auto-repair both read the machines, and sabakan is asked once.
+        self._answer: tuple[str, SabakanTLS, list[Machine]] | None = None
+
+    def new_round(self) -> None:
+        """Forget the last answer: the next :meth:`machines` asks sabakan again."""
+        self._answer = None
 
     def _context(self, tls: SabakanTLS) -> ssl.SSLContext:
         if self._ctx is None or self._ctx[0] != tls:
@@ -199,6 +206,8 @@ class SabakanClient:
         return self._ctx[1]
 
     async def machines(self, url: str, tls: SabakanTLS) -> list[Machine]:
+        if self._answer is not None and self._answer[:2] == (url, tls):
+            return list(self._answer[2])
         try:
             ctx = self._context(tls)
         except (ssl.SSLError, ValueError, OSError) as exc:
@@ -217,7 +226,9 @@ class SabakanClient:
             raise SabakanUnavailable(f"cannot query sabakan ({what}: {error_line(exc)})") from None
         if len(body) > MAX_ANSWER_BYTES:
             raise SabakanUnavailable(f"sabakan's answer is over {MAX_ANSWER_BYTES} bytes")
-        return machines_from_answer(body)
+        machines = machines_from_answer(body)
+        self._answer = (url, tls, machines)
+        return list(machines)
 
 
 def _workers_by_role(cluster: Cluster, machines: list[Machine]) -> dict[str, int]:
@@ -241,8 +252,10 @@ class Integrator:
         self.storage = storage
         self.client = client or SabakanClient()
 
-    async def run(self, leader: LeaderKey, voters: list[str]) -> GenerationReport | None:
-        """Generate and store; None when the integration is not enabled."""
+    async def run(self, leader: LeaderKey | None, voters: list[str]) -> GenerationReport | None:
+        """Generate and store; None when the integration is not enabled. Without a
+        ``leader`` (``cke --debug-sabakan``) nothing is stored: the report says what a
+        leader would store."""
         try:
             settings = enabled_settings(await self.storage.get_sabakan())
         except SettingError as exc:
@@ -277,7 +290,7 @@ class Integrator:
 
     async def _store(
         self,
-        leader: LeaderKey,
+        leader: LeaderKey | None,
         result: Generated,
         revision: int,
         constraints: Constraints,
@@ -302,6 +315,8 @@ class Integrator:
             return GenerationReport(
                 RESULT_REFUSED, rule=refused.rule, reason=refused.message, **extra
             )
+        if leader is None:
+            return GenerationReport(RESULT_GENERATED, changes=result.changes, **extra)
         stored = await self.storage.put_generated_cluster(
             leader, cluster_to_json(result.cluster), revision
         )

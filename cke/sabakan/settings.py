@@ -38,6 +38,7 @@ __all__ = [
     "QueryVariables",
     "SabakanTLS",
     "SettingError",
+    "parse_auto_repair_variables",
     "parse_template",
     "parse_tls",
     "parse_url",
@@ -160,10 +161,11 @@ class QueryVariables(BaseModel):
     not_having: MachineParams = Field(default_factory=_default_not_having, alias="notHaving")
 
 
-def parse_variables(text: str | None) -> QueryVariables:
-    """The query variables (JSON); None (not set) gives upstream's defaults."""
+def parse_variables(text: str | None, default: QueryVariables | None = None) -> QueryVariables:
+    """The query variables (JSON); None (not set) gives ``default``, else the generator's
+    defaults (upstream's)."""
     if text is None:
-        return QueryVariables()
+        return default if default is not None else QueryVariables()
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
@@ -181,6 +183,23 @@ def parse_variables(text: str | None) -> QueryVariables:
                     f"variables: {where}.states: unknown state (want {', '.join(_STATES)})"
                 )
     return variables
+
+
+# Upstream's default auto-repair query: unhealthy and unreachable machines, no boot servers.
+DEFAULT_AUTO_REPAIR_VARIABLES: dict[str, Any] = {
+    "having": {"states": ["UNHEALTHY", "UNREACHABLE"]},
+    "notHaving": {"roles": ["boot"]},
+}
+
+
+def default_variables() -> QueryVariables:
+    return QueryVariables.model_validate(DEFAULT_AUTO_REPAIR_VARIABLES)
+
+
+def parse_auto_repair_variables(text: str | None) -> QueryVariables:
+    """``ckecli auto-repair set-variables``' JSON: the generator's checks, auto-repair's
+    default."""
+    return parse_variables(text, default_variables())
 
 
 def select_machines(machines: list[Machine], variables: QueryVariables) -> list[Machine]:

@@ -42,6 +42,7 @@ from cke.pki import TIDY_SAFETY_BUFFER, CertIssuer
 from cke.rebootqueue import QueueStatus
 from cke.repairqueue import RepairQueueStatus
 from cke.restore import RestoreError, SnapshotChecker, parse_request
+from cke.sabakan.autorepair import AutoRepairer
 from cke.sabakan.integration import (
     RESULT_ERROR,
     RESULT_GENERATED,
@@ -256,6 +257,8 @@ class Server:
         self.certs_gc_interval = certs_gc_interval
         self.infra = infra
         self.sabakan = sabakan
+        # Sabakan-triggered repair shares the integration's client (one query a round).
+        self.auto_repair = AutoRepairer(storage, sabakan.client) if sabakan else None
         self.backups = backups  # --backup-interval and its flags (None: off)
         self._cluster: Cluster | None = None
         self._cluster_revision = 0
@@ -580,6 +583,8 @@ class Server:
         return dataclasses.replace(status, nodes=nodes)
 
     async def step(self, leader: LeaderKey) -> Decision:
+        if self.sabakan is not None:
+            self.sabakan.client.new_round()
         cluster, constraints, config_blocked = await self.load_config()
         self._cluster = cluster
         etcd_members: list[str] | None = None
@@ -627,6 +632,10 @@ class Server:
             if voters is None:
                 voters = previous.etcd_members if previous else []
             sabakan_report = await self.integrate(leader, voters)
+            if cluster is not None and collected is not None:
+                repairs = await self.repair_from_sabakan(leader, cluster, constraints, collected)
+                if repairs is not None:
+                    sabakan_report = {**sabakan_report, "auto-repair": repairs}
         last_operation = previous.last_operation if previous else ""
         if etcd_members is None:  # unknown now: keep what was last seen
             etcd_members = previous.etcd_members if previous else []
@@ -726,6 +735,26 @@ class Server:
         if report.result == RESULT_GENERATED:
             self._wake.set()  # decide on the new cluster at once
         return report.to_dict()
+
+    async def repair_from_sabakan(
+        self, leader: LeaderKey, cluster: Cluster, constraints: Constraints, status: ClusterStatus
+    ) -> dict[str, Any] | None:
+        """Queue the repairs sabakan's failure reports call for (``ckecli auto-repair``),
+        while nothing else is to be done, as upstream; the report for the status (None:
+        auto-repair is off)."""
+        if self.auto_repair is None:
+            return None
+        try:
+            report = await self.auto_repair.run(
+                leader, cluster, constraints, status.repairs.entries, status.reboots.entries
+            )
+        except (NotLeader, LeadershipLost, EtcdError):
+            raise
+        except Exception as exc:  # a bug: nothing is queued, and the status says so
+            error = f"{type(exc).__name__}: {error_line(exc)}"
+            log.error("auto-repair failed; nothing queued", error=error)
+            return {"error": f"auto-repair failed: {error}"}
+        return None if report is None else report.to_dict()
 
     async def _watch_prefix(self, prefix: str) -> None:
         """Wake the loop when a key under ``prefix`` changes: ckecli asked for something

@@ -40,10 +40,13 @@ def test_a_good_decision_passes_through() -> None:
 async def test_a_failing_sabakan_integration_keeps_the_cluster_and_says_so() -> None:
     from typing import Any, cast
 
+    from cke.sabakan.integration import SabakanClient
     from cke.server.metrics import ServerMetrics
     from cke.storage import LeaderKey
 
     class Broken:
+        client = SabakanClient()
+
         async def run(self, leader: LeaderKey, voters: list[str]) -> None:
             raise KeyError("a bug in the generator")
 
@@ -55,6 +58,26 @@ async def test_a_failing_sabakan_integration_keeps_the_cluster_and_says_so() -> 
     assert report["result"] == "error"
     assert "integration failed: KeyError" in report["reason"]
     assert metrics.registry.get_sample_value("cke_sabakan_integration_successful") == 0
+
+
+async def test_a_failing_auto_repair_queues_nothing_and_says_so() -> None:
+    from typing import Any, cast
+
+    from cke.cluster import Cluster
+    from cke.server.metrics import ServerMetrics
+    from cke.storage import LeaderKey
+
+    class Broken:
+        async def run(self, *args: object) -> None:
+            raise KeyError("a bug in the repairer")
+
+    server = control.Server(cast(Any, None), cast(Any, None), "cke0", 1.0, 3, ServerMetrics())
+    server.auto_repair = cast(Any, Broken())
+    cluster = Cluster(name="c", service_subnet="10.68.0.0/16", nodes=[])
+    report = await server.repair_from_sabakan(
+        LeaderKey(b"k", 1, 1, "cke0"), cluster, Constraints(), ClusterStatus()
+    )
+    assert report == {"error": "auto-repair failed: KeyError: 'a bug in the repairer'"}
 
 
 def test_retry_soon_waits_start_short_and_double_up_to_two_seconds() -> None:
