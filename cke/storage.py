@@ -729,6 +729,14 @@ class Storage:
 
     # -- sabakan-triggered repair (``ckecli auto-repair``) ----------------------------------
 
+    async def auto_repair_enabled(self) -> bool:
+        """False only when ``auto-repair/disabled`` is ``true`` (CKE's rule)."""
+        got = await self.get(KEY_AUTO_REPAIR_DISABLED)
+        return got.value is None or got.value.strip() != b"true"
+
+    async def set_auto_repair_disabled(self, disabled: bool) -> None:
+        await self.put_setting(KEY_AUTO_REPAIR_DISABLED, "true" if disabled else "false")
+
     async def get_auto_repair(self) -> dict[str, bytes]:
         """Every ``auto-repair/...`` setting in one read, by key."""
         resp = await self._prefix_range(KEY_AUTO_REPAIR_PREFIX, SortOrder.ASCEND, SortTarget.KEY)

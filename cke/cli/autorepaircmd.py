@@ -21,7 +21,6 @@ from cke.sabakan.settings import (
     parse_auto_repair_variables,
 )
 from cke.storage import (
-    KEY_AUTO_REPAIR_DISABLED,
     KEY_AUTO_REPAIR_QUERY_VARIABLES,
     Storage,
     stored_text,
@@ -29,16 +28,15 @@ from cke.storage import (
 
 
 async def cmd_enable(storage: Storage, args: argparse.Namespace) -> None:
-    await storage.put_setting(KEY_AUTO_REPAIR_DISABLED, "false")
+    await storage.set_auto_repair_disabled(False)
 
 
 async def cmd_disable(storage: Storage, args: argparse.Namespace) -> None:
-    await storage.put_setting(KEY_AUTO_REPAIR_DISABLED, "true")
+    await storage.set_auto_repair_disabled(True)
 
 
 async def cmd_is_enabled(storage: Storage, args: argparse.Namespace) -> None:
-    disabled = (await storage.get(KEY_AUTO_REPAIR_DISABLED)).value
-    print("false" if disabled is not None and disabled.strip() == b"true" else "true")
+    print("true" if await storage.auto_repair_enabled() else "false")
 
 
 async def cmd_set_variables(storage: Storage, args: argparse.Namespace) -> None:

@@ -202,7 +202,7 @@ async def _serve(
         return True, "ok"
 
     host, port = parse_listen_address(args.http, "--http")
-    runner = await start_http(host, port, metrics.registry, health)
+    runner = await start_http(host, port, metrics.exposed, health)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop_requested.set)

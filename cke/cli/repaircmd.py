@@ -6,13 +6,17 @@ nodes (an address, or a hostname, stored as the address); ``list`` prints the en
 (CKE's JSON); ``delete INDEX`` / ``delete-finished`` / ``delete-unfinished`` mark
 entries ``deleted`` (the leader removes them; the latter two print the indexes);
 ``enable`` / ``disable`` / ``is-enabled`` the ``repairs/disabled`` flag;
-``reset-backoff`` clears the drain backoff of every entry.
+``reset-backoff`` clears the drain backoff of every entry; ``wait`` returns once no
+entry is left.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -111,6 +115,37 @@ async def cmd_is_enabled(storage: Storage, args: argparse.Namespace) -> None:
     print("true" if await storage.repair_queue_enabled() else "false")
 
 
+async def cmd_wait(storage: Storage, args: argparse.Namespace) -> None:
+    """Until no entry is left (finished ones count, as upstream); 0 s: check once."""
+    deadline = time.monotonic() + args.timeout_seconds
+    while True:
+        left = len(await storage.get_repair_entries())
+        if not left:
+            print("repair queue is empty")
+            return
+        if args.timeout_seconds == 0:
+            raise CLIError("repair queue is not empty")
+        print(f"repair queue entries: {left}", flush=True)
+        if time.monotonic() + args.interval_seconds > deadline:
+            raise CLIError(
+                f"timed out waiting for repair queue to become empty after {args.timeout_seconds}s"
+            )
+        await asyncio.sleep(args.interval_seconds)
+
+
+def _seconds(minimum: int) -> Callable[[str], int]:
+    """A flag's whole number of seconds (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        if not text.strip().isdecimal() or not minimum <= int(text) <= 10**9:
+            raise argparse.ArgumentTypeError(
+                f"want a whole number of seconds, at least {minimum}, not {text!r}"
+            )
+        return int(text)
+
+    return parse
+
+
 def add_repair_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """``repair-queue`` and its subcommands."""
     rq = sub.add_parser("repair-queue", help="the queue of machines to repair")
@@ -121,6 +156,20 @@ def add_repair_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) ->
     p.add_argument("address", metavar="ADDRESS")
     p.add_argument("serial", metavar="SERIAL", nargs="?", default="")
     p.set_defaults(func=cmd_add)
+    p = rsub.add_parser("wait", help="wait until the queue has no entries")
+    p.add_argument(
+        "--timeout-seconds",
+        type=_seconds(0),
+        default=30,
+        help="seconds to wait (0: check once)",
+    )
+    p.add_argument(
+        "--interval-seconds",
+        type=_seconds(1),
+        default=1,
+        help="seconds between checks",
+    )
+    p.set_defaults(func=cmd_wait)
     p = rsub.add_parser("delete", help="delete the entry INDEX")
     p.add_argument("index", metavar="INDEX")
     p.set_defaults(func=cmd_delete)

@@ -47,7 +47,6 @@ from cke.sabakan.settings import (
     tls_from_json,
 )
 from cke.storage import (
-    KEY_AUTO_REPAIR_DISABLED,
     KEY_AUTO_REPAIR_QUERY_VARIABLES,
     KEY_SABAKAN_TLS,
     KEY_SABAKAN_URL,
@@ -243,14 +242,6 @@ class AutoRepairer:
     client: SabakanClient
     _said: frozenset[tuple[str, str, str]] = field(default=frozenset())
 
-    async def enabled(self) -> bool:
-        """``ckecli auto-repair is-enabled``: on unless ``auto-repair/disabled`` is true."""
-        values = await self.storage.get_auto_repair()
-        try:
-            return stored_text(values.get(KEY_AUTO_REPAIR_DISABLED), "disabled") != "true"
-        except UnreadableValue:
-            return True
-
     async def run(
         self,
         leader: LeaderKey | None,
@@ -262,11 +253,11 @@ class AutoRepairer:
         """Queue the repairs sabakan's reports call for; None when auto-repair is off
         (disabled, or no sabakan URL is set). Without a ``leader`` (``cke
         --debug-sabakan``) nothing is queued: the report says what would be."""
+        if not await self.storage.auto_repair_enabled():
+            return None
         auto = await self.storage.get_auto_repair()
         sabakan = await self.storage.get_sabakan()
         try:
-            if stored_text(auto.get(KEY_AUTO_REPAIR_DISABLED), KEY_AUTO_REPAIR_DISABLED) == "true":
-                return None
             url = stored_text(sabakan.get(KEY_SABAKAN_URL), KEY_SABAKAN_URL)
             if url is None:
                 return None

@@ -287,7 +287,7 @@ class Server:
             try:
                 leader = await until(election.campaign(), self.stop_requested)
                 self.fence.arm(election)
-                self.metrics.leader.set(1)
+                self.metrics.set_leader(True)
                 await until(self.lead(leader), self.stop_requested, election.lost)
             except Stopped:
                 pass
@@ -309,7 +309,7 @@ class Server:
             finally:
                 self.fence.disarm()
                 was_leader = election.leader_key is not None
-                self.metrics.leader.set(0)
+                self.metrics.set_leader(False)
                 await election.resign()
                 if was_leader:
                     log.info("resigned leadership", name=self.name)
@@ -552,6 +552,7 @@ class Server:
         check says are healthy."""
         entries = await self.storage.get_repair_entries()
         enabled = await self.storage.repair_queue_enabled()
+        self.metrics.auto_repair_enabled.set(1 if await self.storage.auto_repair_enabled() else 0)
         nodes = [n.address for n in cluster.nodes] if cluster is not None else []
         self.metrics.set_repair_queue(enabled, [e for e, _ in entries], nodes)
         if not entries:
@@ -730,6 +731,7 @@ class Server:
             log.error("sabakan integration failed; the cluster is kept", error=error)
             report = GenerationReport(RESULT_ERROR, reason=f"integration failed: {error}")
         if report is None:
+            self.metrics.sabakan_enabled = False
             return {}
         self.metrics.set_sabakan(report.successful, report.workers_by_role, report.unused_machines)
         if report.result == RESULT_GENERATED:

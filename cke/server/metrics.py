@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -15,6 +15,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.metrics_core import Metric
 
 from cke.rebootqueue import count_by_status, dedup
 from cke.repairqueue import count_by_status as repair_counts
@@ -26,6 +27,30 @@ if TYPE_CHECKING:
     from cke.repairqueue import RepairEntry
 
 
+class _AsUpstreamExposes:
+    """What ``/metrics`` serves (upstream's rule, ``docs/metrics.md``): every family while
+    this replica leads; otherwise ``cke_leader`` and the process and runtime families
+    only. A follower's other ``cke_*`` values would be the ones it had when it last led
+    (or zeros): an operator scraping every replica would read them as the cluster's.
+    A new leader's families come back at once; most are set again by its first
+    decision, about a second later (counters and the backup gauges are this process's
+    own history, true in any term)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.metrics.registry.collect():
+            if family.name.startswith("cke_sabakan_") and not self.metrics.sabakan_enabled:
+                continue  # as upstream: only while the sabakan integration is enabled
+            if (
+                self.metrics.leading
+                or family.name == "cke_leader"
+                or not family.name.startswith("cke_")
+            ):
+                yield family
+
+
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         if registry is None:
@@ -34,7 +59,11 @@ class ServerMetrics:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
-        self.registry = registry
+        self.registry = registry  # every metric (tests read values here)
+        self.leading = False
+        self.sabakan_enabled = False  # the leader's last round ran the sabakan integration
+        self.exposed = CollectorRegistry(auto_describe=False)  # what /metrics serves
+        self.exposed.register(_AsUpstreamExposes(self))
         self.leader = Gauge(
             "cke_leader", "1 if this server is the leader of CKE", registry=self.registry
         )
@@ -110,6 +139,11 @@ class ServerMetrics:
         self.repair_queue_enabled = Gauge(
             "cke_repair_queue_enabled", "1 if the repair queue is enabled", registry=self.registry
         )
+        self.auto_repair_enabled = Gauge(
+            "cke_auto_repair_enabled",
+            "1 if sabakan-triggered automatic repair is enabled",
+            registry=self.registry,
+        )
         self.repair_queue_items = Gauge(
             "cke_repair_queue_items",
             "The number of repair queue entries remaining per status",
@@ -168,6 +202,10 @@ class ServerMetrics:
         )
         for p in ALL_PHASES:
             self.phase.labels(phase=p).set(0)
+
+    def set_leader(self, leading: bool) -> None:
+        self.leading = leading
+        self.leader.set(1 if leading else 0)
 
     def backup_succeeded(self, info: BackupInfo) -> None:
         self.backup_timestamp.set(time.time())
@@ -231,6 +269,7 @@ class ServerMetrics:
                 self.machine_repair_status.labels(address=address, status=status).set(value)
 
     def set_sabakan(self, successful: bool, workers: dict[str, int], unused: int) -> None:
+        self.sabakan_enabled = True
         self.sabakan_successful.set(1 if successful else 0)
         self.sabakan_timestamp.set(time.time())
         if successful:

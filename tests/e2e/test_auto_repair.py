@@ -111,6 +111,7 @@ async def test_a_machine_sabakan_reports_unhealthy_is_repaired_once(
 
         # ckecli auto-repair: on by default; bad variables change nothing.
         assert (await d.ckecli("auto-repair", "is-enabled")).stdout.strip() == "true"
+        assert await d.replicas[0].metric("cke_auto_repair_enabled") == 1.0
         bad = tmp_path / "bad.json"
         bad.write_text('{"having": {"states": ["SICK"]}}')
         refused = await d.ckecli("auto-repair", "set-variables", str(bad))
@@ -211,6 +212,11 @@ async def test_a_machine_sabakan_reports_unhealthy_is_repaired_once(
         # Disabled: a broken machine gets no entry.
         assert (await d.ckecli("auto-repair", "disable")).returncode == 0
         assert (await d.ckecli("auto-repair", "is-enabled")).stdout.strip() == "false"
+
+        async def metric_says_disabled() -> bool:
+            return await d.replicas[0].metric("cke_auto_repair_enabled") == 0.0
+
+        await _until("cke_auto_repair_enabled 0", metric_says_disabled, 10)
         assert (await d.ckecli("repair-queue", "delete-finished")).returncode == 0
         await _until("the queue emptied", lambda: _empty(storage), 30)
         broken.touch()

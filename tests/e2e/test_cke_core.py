@@ -111,6 +111,11 @@ async def test_exactly_one_leader_over_a_bounded_run(etcd3: TestBed) -> None:
             assert d.replicas[flags.index(1.0)].name == leader_name
             await asyncio.sleep(0.2)
         assert await d.leader() == leader_name
+        # As upstream, only the leader exports the cke_* metrics besides cke_leader.
+        for r in d.replicas:
+            phase_time = await r.metric("cke_operation_phase_timestamp_seconds")
+            assert (phase_time is not None) == (r.name == leader_name), r.name
+            assert (await r.metric("process_open_fds") or 0) > 0, r.name
 
 
 async def test_killed_leader_is_replaced_within_ttl(etcd3: TestBed) -> None:

@@ -150,12 +150,19 @@ async def test_repair_procedures_run_once_and_finish(
     assert [e["status"] for e in json.loads(listed.stdout)] == ["succeeded", "failed"]
     assert json.loads(listed.stdout)[0]["index"] == "0"
 
+    # Finished entries still count for ``wait``, as upstream.
+    once = await deployment.ckecli("repair-queue", "wait", "--timeout-seconds", "0")
+    assert once.returncode == 1 and once.stderr == "ckecli: repair queue is not empty\n"
+    bad = await deployment.ckecli("repair-queue", "wait", "--interval-seconds", "0")
+    assert bad.returncode == 2 and "--interval-seconds" in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1
+
     deleted = await deployment.ckecli("repair-queue", "delete-finished")
     assert deleted.returncode == 0, deleted.stderr
     assert deleted.stdout.split() == ["0", "1"]
-    for _ in range(60):  # the leader removes them within a round or two
-        if not await _entries(storage):
-            break
-        await asyncio.sleep(0.3)
+    # The leader removes them within a round or two.
+    waited = await deployment.ckecli("repair-queue", "wait", "--timeout-seconds", "20")
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout.splitlines()[-1] == "repair queue is empty"
     assert await _entries(storage) == []
     await deployment.wait_for("completed", timeout=20)

@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cke.cli.autorepaircmd import cmd_get_variables, cmd_is_enabled, cmd_set_variables
+from cke.cli.autorepaircmd import (
+    cmd_disable,
+    cmd_enable,
+    cmd_get_variables,
+    cmd_is_enabled,
+    cmd_set_variables,
+)
 from cke.cli.ckecli import CLIError, build_parser
 from cke.cluster import Constraints
 from cke.rebootqueue import STATUS_QUEUED, STATUS_REBOOTING, RebootEntry
@@ -35,7 +41,12 @@ from cke.sabakan.settings import (
     parse_auto_repair_variables,
     select_machines,
 )
-from cke.storage import KEY_AUTO_REPAIR_DISABLED, KEY_AUTO_REPAIR_QUERY_VARIABLES, Versioned
+from cke.storage import (
+    KEY_AUTO_REPAIR_DISABLED,
+    KEY_AUTO_REPAIR_QUERY_VARIABLES,
+    Storage,
+    Versioned,
+)
 from sabakan.model import BMC, Machine, MachineSpec, MachineState, MachineStatus
 from tests.unit.test_repair_queue import rcluster
 from tests.unit.test_strategy import A, D, E
@@ -255,6 +266,10 @@ class FakeSettings:
     async def put_setting(self, name: str, value: str) -> None:
         self.values[name] = value
 
+    # Storage's own code, over the two calls above.
+    auto_repair_enabled = Storage.auto_repair_enabled
+    set_auto_repair_disabled = Storage.set_auto_repair_disabled
+
 
 async def test_set_variables_refuses_bad_json_and_stores_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -274,6 +289,11 @@ async def test_set_variables_refuses_bad_json_and_stores_nothing(
         '{"having": {"states": ["UNREACHABLE"]}}'
     )
     await cmd_is_enabled(storage, SimpleNamespace())  # type: ignore[arg-type]
-    storage.values[KEY_AUTO_REPAIR_DISABLED] = "true"
+    await cmd_disable(storage, SimpleNamespace())  # type: ignore[arg-type]
+    assert storage.values[KEY_AUTO_REPAIR_DISABLED] == "true"
     await cmd_is_enabled(storage, SimpleNamespace())  # type: ignore[arg-type]
-    assert capsys.readouterr().out.split() == ["true", "false"]
+    storage.values[KEY_AUTO_REPAIR_DISABLED] = " true\n"  # written by hand
+    await cmd_is_enabled(storage, SimpleNamespace())  # type: ignore[arg-type]
+    await cmd_enable(storage, SimpleNamespace())  # type: ignore[arg-type]
+    await cmd_is_enabled(storage, SimpleNamespace())  # type: ignore[arg-type]
+    assert capsys.readouterr().out.split() == ["true", "false", "false", "true"]

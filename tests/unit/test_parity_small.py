@@ -110,3 +110,42 @@ def test_every_ckecli_command_the_table_calls_present_exists() -> None:
             parser = choices[word]
         checked += bool(words)
     assert checked >= 25
+
+
+# -- /metrics on a replica that does not lead ------------------------------------------------
+
+
+def _exposed(metrics: ServerMetrics) -> set[str]:
+    text = generate_latest(metrics.exposed).decode()
+    return {f.name for f in text_string_to_metric_families(text)}
+
+
+def test_a_follower_exports_cke_leader_and_process_metrics_only() -> None:
+    metrics = ServerMetrics()
+    metrics.set_phase("completed")
+    metrics.auto_repair_enabled.set(1)
+    follower = _exposed(metrics)
+    assert [n for n in follower if n.startswith("cke_")] == ["cke_leader"]
+    assert "process_open_fds" in follower and "python_info" in follower
+    metrics.set_leader(True)
+    leader = _exposed(metrics)
+    assert {"cke_leader", "cke_operation_phase", "cke_auto_repair_enabled"} <= leader
+    assert metrics.exposed.get_sample_value("cke_leader") == 1
+    metrics.set_leader(False)
+    assert _exposed(metrics) == follower
+    assert metrics.exposed.get_sample_value("cke_leader") == 0
+
+
+def test_sabakan_metrics_are_exported_only_while_the_integration_runs() -> None:
+    metrics = ServerMetrics()
+    metrics.set_leader(True)
+    assert not {n for n in _exposed(metrics) if n.startswith("cke_sabakan_")}
+    metrics.set_sabakan(True, {"cs": 2}, 1)
+    assert {
+        "cke_sabakan_integration_successful",
+        "cke_sabakan_integration_timestamp_seconds",
+        "cke_sabakan_workers",
+        "cke_sabakan_unused_machines",
+    } <= _exposed(metrics)
+    metrics.sabakan_enabled = False  # the leader found it disabled
+    assert not {n for n in _exposed(metrics) if n.startswith("cke_sabakan_")}

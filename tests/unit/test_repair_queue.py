@@ -22,6 +22,7 @@ from cke.cli.repaircmd import (
     cmd_disable,
     cmd_list,
     cmd_reset_backoff,
+    cmd_wait,
 )
 from cke.cluster import Cluster, Constraints, Node, Repair, cluster_to_json
 from cke.op.repair import (
@@ -370,6 +371,7 @@ def test_entry_marks() -> None:
         (["repair-queue", "delete-unfinished"], cmd_delete_unfinished),
         (["repair-queue", "disable"], cmd_disable),
         (["repair-queue", "reset-backoff"], cmd_reset_backoff),
+        (["repair-queue", "wait"], cmd_wait),
     ],
 )
 def test_ckecli_parses_repair_queue(argv: list[str], func: object) -> None:
@@ -387,6 +389,9 @@ def test_ckecli_parses_repair_queue(argv: list[str], func: object) -> None:
         ["repair-queue", "add", "a", "b", "c", "d", "e"],
         ["repair-queue", "delete"],
         ["repair-queue", "nope"],
+        ["repair-queue", "wait", "--interval-seconds", "0"],
+        ["repair-queue", "wait", "--timeout-seconds", "-1"],
+        ["repair-queue", "wait", "--timeout-seconds", "1.5"],
     ],
 )
 def test_ckecli_refuses_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -507,3 +512,38 @@ def test_unusable_entries_alone_hold_nothing_back() -> None:
     d = decide(c, Constraints(), queued(c, [entry(0, "10.9.9.9")]))
     assert d.operators == [] and d.phase == Phase.COMPLETED
     assert rules(d) == {RULE_REPAIR_ENTRY_USABLE: ("10.9.9.9",)}
+
+
+class _Draining:
+    """A queue that loses one entry at each read."""
+
+    def __init__(self, entries: int) -> None:
+        self.left = entries
+
+    async def get_repair_entries(self) -> list[tuple[RepairEntry, int]]:
+        got = [(entry(i, D), 1) for i in range(self.left)]
+        self.left = max(0, self.left - 1)
+        return got
+
+
+async def test_ckecli_wait_returns_once_the_queue_is_empty(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = build_parser().parse_args(["repair-queue", "wait", "--interval-seconds", "1"])
+    args.interval_seconds = 0.01  # the flag takes whole seconds; the loop does not care
+    await cmd_wait(_Draining(2), args)  # type: ignore[arg-type]
+    assert capsys.readouterr().out.splitlines() == [
+        "repair queue entries: 2",
+        "repair queue entries: 1",
+        "repair queue is empty",
+    ]
+
+
+async def test_ckecli_wait_zero_checks_once_and_a_timeout_says_so() -> None:
+    args = build_parser().parse_args(["repair-queue", "wait", "--timeout-seconds", "0"])
+    with pytest.raises(CLIError, match=r"^repair queue is not empty$"):
+        await cmd_wait(_Draining(5), args)  # type: ignore[arg-type]
+    args = build_parser().parse_args(["repair-queue", "wait", "--timeout-seconds", "1"])
+    args.interval_seconds = 0.3
+    with pytest.raises(CLIError, match=r"timed out .* after 1s"):
+        await cmd_wait(_Draining(50), args)  # type: ignore[arg-type]
