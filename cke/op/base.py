@@ -12,7 +12,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from cke.storage import NotLeader
 
@@ -42,6 +42,10 @@ class Commander(ABC):
 
 
 class Operator(ABC):
+    # Whether the operation needs Vault (a certificate, a key, a CA). Those that do not
+    # (etcd maintenance through cke's own client) still run while Vault is away.
+    needs_vault: ClassVar[bool] = True
+
     @property
     @abstractmethod
     def name(self) -> str: ...

@@ -688,6 +688,8 @@ class EtcdDefragOp(StepOperator):
     """Defragment one member whose database is fragmented, then wait until it answers
     again; the decision takes the members one at a time, followers first."""
 
+    needs_vault = False  # the etcd API with cke's own client certificate
+
     def __init__(self, member: EtcdMember, ask: list[str]) -> None:
         self.member = member
         steps: list[Commander] = [
@@ -701,6 +703,8 @@ class EtcdNospaceRecoveryOp(StepOperator):
     """The NOSPACE alarm is raised (writes are refused): compact the history to the
     current revision, defragment every member given (in that order: followers first,
     the leader last), waiting for each to answer before the next, then disarm."""
+
+    needs_vault = False  # as defragmentation: writes must not wait for Vault
 
     def __init__(self, members: list[EtcdMember], via: list[str]) -> None:
         self.members = members

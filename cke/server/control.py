@@ -123,9 +123,11 @@ NODE_CAS = ("server", "etcd-peer", "etcd-client")
 
 
 def held_for_vault(decision: Decision, vault_state: str) -> Decision:
-    """Vault is away: every operation needs a certificate or a key from it, so none runs.
+    """Vault is away: an operation that needs a certificate or a key from it does not run.
+    Etcd maintenance that does not (defragmentation, NOSPACE recovery: cke's own client,
+    which it already holds) goes on, so etcd accepts writes again without Vault.
     Due renewals are reported: the certificates in place keep working until they expire."""
-    if not decision.operators:
+    if all(not op.needs_vault for op in decision.operators):
         return decision
     blocked = [
         *decision.blocked,

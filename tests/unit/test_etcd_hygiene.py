@@ -25,6 +25,7 @@ from cke.server.clusterstatus import (
     EtcdStatus,
     NodeStatus,
 )
+from cke.server.control import RULE_VAULT_AVAILABLE, held_for_vault
 from cke.server.phases import Phase
 from cke.server.safety import (
     RULE_DEFRAG_WHEN_IN_SYNC,
@@ -260,6 +261,18 @@ def test_nospace_goes_before_other_maintenance_and_skips_silent_members() -> Non
     d = run(status(members, alarms=((1, ALARM_NOSPACE),)))
     (op,) = d.operators
     assert isinstance(op, EtcdNospaceRecoveryOp) and op.targets == [B, A]
+
+
+def test_nospace_recovery_and_defragmentation_go_on_while_vault_is_away() -> None:
+    nospace = run(status(three(), alarms=((1, ALARM_NOSPACE),)))
+    assert held_for_vault(nospace, "sealed") == nospace
+    defrag = run(status(three(b=FRAGMENTED)))
+    assert isinstance(defrag.operators[0], EtcdDefragOp)
+    assert held_for_vault(defrag, "sealed") == defrag
+    # What needs Vault is held, as before.
+    s = dataclasses.replace(status(three()), rivers_app=b"app")
+    held = held_for_vault(run(s), "sealed")
+    assert held.operators == [] and RULE_VAULT_AVAILABLE in rules(held)
 
 
 def test_nospace_without_a_leader_waits_and_says_so() -> None:
