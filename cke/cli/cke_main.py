@@ -146,6 +146,29 @@ def _duration(args: argparse.Namespace, flag: str) -> float:
     return seconds
 
 
+# Vault's PKI dates a certificate's start this far back (its roles' not_before_duration).
+VAULT_BACKDATE = 30.0
+
+
+def renews_at_once(args: argparse.Namespace) -> None:
+    """Refuse a renewal fraction that makes a certificate due as soon as it is issued: a
+    certificate of TTL t lives t + VAULT_BACKDATE by its dates, so with fraction f it is
+    due at issue when f * (t + 30s) >= t (then cke would renew every round)."""
+    fraction = args.cert_renew_fraction
+    in_force = {"--cert-ttl": args.cert_ttl}
+    for kind in CERT_TTL_FLAGS:
+        if getattr(args, f"{kind}_cert_ttl") is not None:
+            in_force[f"--{kind}-cert-ttl"] = getattr(args, f"{kind}_cert_ttl")
+    for flag, text in in_force.items():
+        ttl = parse_duration_or_flag_error(text, flag)
+        if fraction * (ttl + VAULT_BACKDATE) >= ttl:
+            raise FlagError(
+                f"--cert-renew-fraction: {fraction} with {flag} {text} makes each certificate "
+                f"due as soon as it is issued (Vault dates certificates "
+                f"{VAULT_BACKDATE:.0f}s back); use a smaller fraction or a longer TTL"
+            )
+
+
 async def _serve(
     args: argparse.Namespace,
     interval: float,
@@ -283,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FlagError(
                 f"--cert-renew-fraction: must be between 0 and 1, got {args.cert_renew_fraction}"
             )
+        renews_at_once(args)
         if ttl_seconds < 1:
             raise FlagError("--session-ttl: must be at least 1s")
         if args.max_concurrent_updates < 1:

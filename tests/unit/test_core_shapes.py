@@ -74,6 +74,8 @@ def test_record_round_trip_and_cancel() -> None:
         (["--logformat", "xml"], "--logformat"),
         (["--certs-gc-interval", "1"], "--certs-gc-interval"),
         (["--cert-ttl", "a year"], "--cert-ttl"),
+        (["--cert-ttl", "60s", "--cert-renew-fraction", "0.7"], "--cert-renew-fraction"),
+        (["--peer-cert-ttl", "20s", "--cert-renew-fraction", "0.4"], "--peer-cert-ttl 20s"),
     ],
 )
 def test_cke_bad_flags_exit_2_naming_the_flag(
