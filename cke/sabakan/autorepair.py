@@ -158,7 +158,7 @@ def plan_auto_repairs(
         machine_type = machine.spec.bmc.type
 
         why: tuple[str, str] | None = None
-        if has_recent_entry(address, repairs):
+        if has_recent_entry(address, repairs) or any(e.address == address for e in chosen):
             why = RULE_ONE_ENTRY, "the repair queue has an entry for it; delete it when repaired"
         elif address not in nodes:
             why = RULE_CLUSTER_NODES, "not a node of the cluster: cke repairs only its nodes"
@@ -313,15 +313,20 @@ class AutoRepairer:
     def _say(self, plan: AutoRepairPlan) -> None:
         """One log line per machine left out, when its reason is new (not every round)."""
         said = {(s.serial, s.rule, s.reason) for s in plan.skipped}
-        for s in plan.skipped:
-            if (s.serial, s.rule, s.reason) not in self._said:
-                log.info(
-                    "auto-repair: machine not queued",
-                    serial=s.serial,
-                    address=s.address,
-                    rule=s.rule,
-                    reason=s.reason,
-                )
+        new = [s for s in plan.skipped if (s.serial, s.rule, s.reason) not in self._said]
+        for s in new[:MAX_SKIPS_SHOWN]:
+            log.info(
+                "auto-repair: machine not queued",
+                serial=s.serial,
+                address=s.address,
+                rule=s.rule,
+                reason=s.reason,
+            )
+        if len(new) > MAX_SKIPS_SHOWN:
+            log.info(
+                "auto-repair: more machines not queued (see ckecli status)",
+                count=len(new) - MAX_SKIPS_SHOWN,
+            )
         if plan.refused is not None:
             key = ("", plan.refused.rule, plan.refused.reason)
             said.add(key)

@@ -3,6 +3,7 @@ query variables, the report, ``ckecli auto-repair`` parsing and its commands' ch
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +30,7 @@ from cke.sabakan.autorepair import (
     RULE_ONE_ENTRY,
     RULE_PROCEDURE,
     RULE_REBOOTING,
+    AutoRepairer,
     AutoRepairReport,
     Skip,
     has_recent_entry,
@@ -36,6 +38,7 @@ from cke.sabakan.autorepair import (
     plan_auto_repairs,
     too_many_repairs,
 )
+from cke.sabakan.integration import SabakanUnavailable
 from cke.sabakan.settings import (
     SettingError,
     parse_auto_repair_variables,
@@ -121,6 +124,11 @@ def test_any_entry_for_the_address_finished_or_not_is_recent() -> None:
     assert skipped == [(D, RULE_ONE_ENTRY)]
 
 
+def test_two_machines_with_one_address_get_one_entry() -> None:
+    entries, skipped, _ = plan([machine(D, serial="old"), machine(D, serial="new")])
+    assert [e[4] for e in entries] == ["old"] and skipped == [(D, RULE_ONE_ENTRY)]
+
+
 def test_a_machine_outside_the_cluster_is_left_out() -> None:
     assert plan([machine(OUTSIDE)])[1] == [(OUTSIDE, RULE_CLUSTER_NODES)]
 
@@ -190,6 +198,7 @@ def test_never_two_entries_for_one_machine_and_never_over_the_maximum(
     machines = [machine(a, s, seconds=sec, serial=f"n{i}") for i, (a, s, sec) in enumerate(reports)]
     p = plan_auto_repairs(machines, rcluster(), repairs, (), limits(maximum, wait), NOW)
     addresses = [e.address for e in p.entries]
+    assert len(set(addresses)) == len(addresses)  # sabakan may list one address twice
     assert not set(addresses) & set(queued_for)
     assert len(repairs) + len(p.entries) <= maximum or not p.entries
     assert all(e.operation == "unreachable" for e in p.entries)  # the only procedure
@@ -297,3 +306,101 @@ async def test_set_variables_refuses_bad_json_and_stores_nothing(
     await cmd_enable(storage, SimpleNamespace())  # type: ignore[arg-type]
     await cmd_is_enabled(storage, SimpleNamespace())  # type: ignore[arg-type]
     assert capsys.readouterr().out.split() == ["true", "false", "false", "true"]
+
+
+# -- the leader's runner: stored settings, sabakan's answer, the log ---------------------------
+
+
+class _Stored:
+    """The reads and the one write ``AutoRepairer.run`` makes (etcd in the e2e test)."""
+
+    def __init__(self, settings: dict[str, str]) -> None:
+        self.settings = settings
+        self.stored: list[list[RepairEntry]] = []
+        self.moved = False  # the write index moved since it was read
+
+    async def auto_repair_enabled(self) -> bool:
+        return self.settings.get(KEY_AUTO_REPAIR_DISABLED) != "true"
+
+    async def _under(self, prefix: str) -> dict[str, bytes]:
+        return {k: v.encode() for k, v in self.settings.items() if k.startswith(prefix)}
+
+    async def get_auto_repair(self) -> dict[str, bytes]:
+        return await self._under("auto-repair/")
+
+    async def get_sabakan(self) -> dict[str, bytes]:
+        return await self._under("sabakan/")
+
+    async def fenced_add_repair_entries(
+        self, leader: object, entries: list[RepairEntry]
+    ) -> list[RepairEntry] | None:
+        if self.moved:
+            return None
+        self.stored.append(list(entries))
+        return [dataclasses.replace(e, index=i) for i, e in enumerate(entries)]
+
+
+class _Sabakan:
+    def __init__(self, machines: list[Machine] | Exception) -> None:
+        self.answer = machines
+
+    async def machines(self, url: str, tls: object) -> list[Machine]:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return list(self.answer)
+
+
+URL = {"sabakan/url": "https://sabakan.example:10443"}
+
+
+async def _round(
+    settings: dict[str, str], answer: list[Machine] | Exception, maximum: int = 5
+) -> tuple[AutoRepairReport | None, _Stored]:
+    stored = _Stored(settings)
+    repairer = AutoRepairer(stored, _Sabakan(answer))  # type: ignore[arg-type]
+    report = await repairer.run(object(), rcluster(), limits(maximum), (), ())  # type: ignore[arg-type]
+    return report, stored
+
+
+async def test_off_without_a_url_or_when_disabled() -> None:
+    assert (await _round({}, [machine(D)]))[0] is None
+    disabled = {**URL, KEY_AUTO_REPAIR_DISABLED: "true"}
+    assert (await _round(disabled, [machine(D)]))[0] is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "answer", "error"),
+    [
+        ({**URL, KEY_AUTO_REPAIR_QUERY_VARIABLES: "{nope"}, [], "settings: variables: not valid"),
+        ({"sabakan/url": "http://clear.example"}, [], "settings: URL: must start with https"),
+        ({**URL, "sabakan/tls": "[]"}, [], "settings:"),
+        (URL, SabakanUnavailable("sabakan answered HTTP 503"), "sabakan answered HTTP 503"),
+    ],
+)
+async def test_unusable_settings_or_sabakan_queue_nothing_and_say_why(
+    settings: dict[str, str], answer: list[Machine] | Exception, error: str
+) -> None:
+    report, stored = await _round(settings, answer)
+    assert report is not None and report.error.startswith(error), report
+    assert stored.stored == []
+
+
+async def test_a_round_queues_and_a_moved_write_index_queues_nothing() -> None:
+    report, stored = await _round(URL, [machine(D, serial="SD")])
+    assert report is not None and [e.serial for e in report.queued] == ["SD"]
+    assert [[e.address for e in batch] for batch in stored.stored] == [[D]]
+    moved = _Stored(URL)
+    moved.moved = True
+    repairer = AutoRepairer(moved, _Sabakan([machine(D)]))  # type: ignore[arg-type]
+    again = await repairer.run(object(), rcluster(), limits(), (), ())  # type: ignore[arg-type]
+    assert again is not None and again.queued == () and "changed meanwhile" in again.error
+
+
+async def test_a_reason_is_logged_once_not_every_round(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    stored = _Stored(URL)
+    repairer = AutoRepairer(stored, _Sabakan([machine(OUTSIDE)]))  # type: ignore[arg-type]
+    for _ in range(3):
+        await repairer.run(object(), rcluster(), limits(), (), ())  # type: ignore[arg-type]
+    said = [r for r in caplog.records if r.getMessage() == "auto-repair: machine not queued"]
+    assert len(said) == 1
