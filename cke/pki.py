@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
-
-import hvac
-import hvac.exceptions
+from typing import TYPE_CHECKING, Any
 
 from cke.common.durations import parse_duration
-from cke.vault import Vault
+
+if TYPE_CHECKING:  # annotations only: ckecli's commands that never ask Vault start faster
+    import hvac
+
+    from cke.vault import Vault
 
 ROOT_TTL = "876000h"  # 100 years: the roots are replaced by hand, never by expiry
 DEFAULT_CERT_TTL = "8760h"

@@ -124,6 +124,8 @@ class Status:
     etcd_members: list[str] = field(default_factory=list)  # voters' addresses, for rule 5
     cluster_revision: int = 0  # mod revision of the cluster configuration decided on
     sabakan: dict[str, Any] = field(default_factory=dict)  # the last generation, if enabled
+    # The last round of sabakan-triggered repair, if enabled (cke/sabakan/autorepair.py).
+    auto_repair: dict[str, Any] = field(default_factory=dict)
     # Per node, the certificate that expires first: {address: {certificate, serial, not-after}}.
     certificates: dict[str, Any] = field(default_factory=dict)
     # CA rotations in progress: {name: {stage, waiting-for}}.
@@ -143,6 +145,7 @@ class Status:
                 "etcd-members": self.etcd_members,
                 "cluster-revision": self.cluster_revision,
                 "sabakan": self.sabakan,
+                "auto-repair": self.auto_repair,
                 "certificates": self.certificates,
                 "ca-rotations": self.ca_rotations,
                 "rivers": self.rivers,
@@ -162,6 +165,7 @@ class Status:
             etcd_members=list(doc.get("etcd-members", [])),
             cluster_revision=int(doc.get("cluster-revision", 0)),
             sabakan=dict(doc.get("sabakan") or {}),
+            auto_repair=dict(doc.get("auto-repair") or {}),
             certificates=dict(doc.get("certificates") or {}),
             ca_rotations=dict(doc.get("ca-rotations") or {}),
             rivers=dict(doc.get("rivers") or {}),

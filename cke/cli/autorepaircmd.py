@@ -14,10 +14,9 @@ import argparse
 import json
 from typing import Any
 
-from cke.cli.ckecli import CLIError, _read_input
+from cke.cli.ckecli import store_variables
 from cke.sabakan.settings import (
     DEFAULT_AUTO_REPAIR_VARIABLES,
-    SettingError,
     parse_auto_repair_variables,
 )
 from cke.storage import (
@@ -40,12 +39,9 @@ async def cmd_is_enabled(storage: Storage, args: argparse.Namespace) -> None:
 
 
 async def cmd_set_variables(storage: Storage, args: argparse.Namespace) -> None:
-    text = await _read_input(args.file)
-    try:
-        parse_auto_repair_variables(text)
-    except SettingError as exc:
-        raise CLIError(f"{args.file}: {exc}") from None
-    await storage.put_setting(KEY_AUTO_REPAIR_QUERY_VARIABLES, json.dumps(json.loads(text)))
+    await store_variables(
+        storage, args.file, KEY_AUTO_REPAIR_QUERY_VARIABLES, parse_auto_repair_variables
+    )
 
 
 async def cmd_get_variables(storage: Storage, args: argparse.Namespace) -> None:

@@ -1,19 +1,3 @@
-"""The sabakan integration: generate the cluster from sabakan's machines and a template."""
-
-from cke.sabakan.generator import (
-    Generated,
-    NodeMetadata,
-    generate,
-    machine_address,
-    machine_metadata,
-)
-from cke.sabakan.rules import Refusal
-
-__all__ = [
-    "Generated",
-    "NodeMetadata",
-    "Refusal",
-    "generate",
-    "machine_address",
-    "machine_metadata",
-]
+"""The sabakan integration: generate the cluster from sabakan's machines and a template
+(:mod:`cke.sabakan.generator`), queue repairs from its failure reports
+(:mod:`cke.sabakan.autorepair`); the leader's side is :mod:`cke.sabakan.integration`."""

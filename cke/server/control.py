@@ -624,6 +624,7 @@ class Server:
             self._watched_changed.set()
         previous = await self.storage.get_status()
         sabakan_report: dict[str, Any] = {}
+        auto_repair: dict[str, Any] = {}
         if (
             not decision.operators
             and not config_blocked
@@ -636,9 +637,9 @@ class Server:
                 voters = previous.etcd_members if previous else []
             sabakan_report = await self.integrate(leader, voters)
             if cluster is not None and collected is not None:
-                repairs = await self.repair_from_sabakan(leader, cluster, constraints, collected)
-                if repairs is not None:
-                    sabakan_report = {**sabakan_report, "auto-repair": repairs}
+                auto_repair = await self.repair_from_sabakan(
+                    leader, cluster, constraints, collected
+                )
         last_operation = previous.last_operation if previous else ""
         if etcd_members is None:  # unknown now: keep what was last seen
             etcd_members = previous.etcd_members if previous else []
@@ -676,6 +677,7 @@ class Server:
                 etcd_members=etcd_members,
                 cluster_revision=self._cluster_revision,
                 sabakan=sabakan_report,
+                auto_repair=auto_repair,
                 certificates=certificates,
                 ca_rotations={p.name: p.to_dict() for p in decision.rotations},
                 rivers=decision.rivers,
@@ -742,12 +744,12 @@ class Server:
 
     async def repair_from_sabakan(
         self, leader: LeaderKey, cluster: Cluster, constraints: Constraints, status: ClusterStatus
-    ) -> dict[str, Any] | None:
+    ) -> dict[str, Any]:
         """Queue the repairs sabakan's failure reports call for (``ckecli auto-repair``),
-        while nothing else is to be done, as upstream; the report for the status (None:
+        while nothing else is to be done, as upstream; the report for the status ({}:
         auto-repair is off)."""
         if self.auto_repair is None:
-            return None
+            return {}
         try:
             report = await self.auto_repair.run(
                 leader, cluster, constraints, status.repairs.entries, status.reboots.entries
@@ -758,7 +760,7 @@ class Server:
             error = f"{type(exc).__name__}: {error_line(exc)}"
             log.error("auto-repair failed; nothing queued", error=error)
             return {"error": f"auto-repair failed: {error}"}
-        return None if report is None else report.to_dict()
+        return {} if report is None else report.to_dict()
 
     async def _watch_prefix(self, prefix: str) -> None:
         """Wake the loop when a key under ``prefix`` changes: ckecli asked for something

@@ -121,9 +121,7 @@ async def test_a_machine_sabakan_reports_unhealthy_is_repaired_once(
         assert default["having"]["states"] == ["UNHEALTHY", "UNREACHABLE"]
 
         async def auto_repair() -> dict[str, Any]:
-            sabakan = (await d.status()).get("sabakan") or {}
-            assert isinstance(sabakan, dict)
-            report = sabakan.get("auto-repair") or {}
+            report = (await d.status()).get("auto-repair") or {}
             assert isinstance(report, dict)
             return report
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cke.cli.ckecli import CLIError, build_parser
-from cke.cli.sshcmd import colon, find_node, known_hosts_line, openssh_options, split_user
+from cke.cli.sshargs import colon, split_user
+from cke.cli.sshcmd import find_node, known_hosts_line, openssh_options
 from cke.cluster import Node
 
 

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from cke import __version__
-from cke.cli.ckecli import CLIError, build_parser, rotate_aescbc
+from cke.cli.ckecli import CLIError, build_parser
+from cke.cli.vaultcmd import rotate_aescbc
 
 NOW = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
 

@@ -149,3 +149,45 @@ def test_sabakan_metrics_are_exported_only_while_the_integration_runs() -> None:
     } <= _exposed(metrics)
     metrics.sabakan_enabled = False  # the leader found it disabled
     assert not {n for n in _exposed(metrics) if n.startswith("cke_sabakan_")}
+
+
+# -- ckecli starts fast: Vault's and SSH's clients load only for the commands that use them ---
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    subs = _subcommands(parser)
+    if not subs:
+        return [parser]
+    return [leaf for sub in subs.values() for leaf in _leaf_parsers(sub)] + [parser]
+
+
+def test_every_command_named_by_string_resolves_to_a_coroutine_function() -> None:
+    import inspect
+
+    from cke.cli.ckecli import resolve_command
+
+    named = {
+        p.get_default("func")
+        for p in _leaf_parsers(build_parser())
+        if isinstance(p.get_default("func"), str)
+    }
+    assert len(named) >= 14  # vault, ca, etcd issue/user-add/backup, ssh, scp
+    for name in named:
+        assert inspect.iscoroutinefunction(resolve_command(name)), name
+
+
+def test_status_loads_neither_vault_nor_ssh_clients() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from cke.cli.ckecli import build_parser, resolve_command\n"
+        "for argv in (['status'], ['cluster', 'get'], ['repair-queue', 'list']):\n"
+        "    resolve_command(build_parser().parse_args(argv).func)\n"
+        "print(sorted(m for m in ('hvac', 'asyncssh', 'aiohttp') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

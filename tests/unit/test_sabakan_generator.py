@@ -17,8 +17,13 @@ from cke.cluster import (
     reserved_key_problem,
     validate_cluster,
 )
-from cke.sabakan import Generated, Refusal, generate, machine_metadata
-from cke.sabakan.generator import KEPT_CONTROL_PLANE_STATES, LABEL_ZONE
+from cke.sabakan.generator import (
+    KEPT_CONTROL_PLANE_STATES,
+    LABEL_ZONE,
+    Generated,
+    generate,
+    machine_metadata,
+)
 from cke.sabakan.rules import (
     LABEL_ROLE,
     RULE_ENOUGH_CONTROL_PLANES_SURVIVE,
@@ -30,6 +35,7 @@ from cke.sabakan.rules import (
     RULE_VALID_CLUSTER,
     RULE_VALID_TEMPLATE,
     RULE_WORKER_TEMPLATE_MATCHES,
+    Refusal,
     enough_control_planes_survive,
     healthy_candidate_available,
     keep_etcd_majority,
