@@ -9,21 +9,14 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-from cke.backup import (
-    DEFAULT_DIR,
-    DEFAULT_ETCDUTL,
-    DEFAULT_KEEP,
-    BackupError,
-    BackupInfo,
-    list_backups,
-)
-from cke.cli.ckecli import VAULTCMD, CLIError
+from cke.backup import BackupError, BackupInfo, BackupSettings, list_backups, take_backup
+from cke.cli.ckecli import CLIError
+from cke.cli.vaultcmd import managed_etcd
 from cke.storage import Storage
 
 
-def absolute(path: str) -> Path:
+def _absolute(path: str) -> Path:
     return Path(os.path.abspath(path))  # relative to where ckecli runs
 
 
@@ -34,7 +27,7 @@ def _line(info: BackupInfo) -> str:
 
 
 async def cmd_etcd_backup_list(storage: Storage, args: argparse.Namespace) -> None:
-    directory = absolute(args.list_dir or args.dir)
+    directory = _absolute(args.list_dir or args.dir)
     try:
         infos = await list_backups(directory, args.list_etcdutl or args.etcdutl)
     except BackupError as exc:
@@ -47,29 +40,34 @@ async def cmd_etcd_backup_list(storage: Storage, args: argparse.Namespace) -> No
         print(_line(info))
 
 
-def add_backup_parsers(esub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
-    """``etcd backup`` (and its alias ``local-backup``) with its ``list`` subcommand."""
-    p = esub.add_parser(
-        "backup",
-        aliases=["local-backup"],
-        help="take a verified snapshot of the managed etcd into --dir; 'list' lists them",
+async def cmd_etcd_backup(storage: Storage, args: argparse.Namespace) -> None:
+    if args.backup_command == "list":
+        await cmd_etcd_backup_list(storage, args)
+        return
+    if args.keep < 1:
+        raise CLIError(f"--max-backups: must be at least 1, got {args.keep}")
+    directory = _absolute(args.dir)
+    copy = _absolute(args.copy_dir) if args.copy_dir else None
+    if copy == directory:
+        raise CLIError("--copy-dir: must differ from --dir")
+    settings = BackupSettings(directory, args.keep, copy, args.etcdutl)
+    addresses, credentials = await managed_etcd(storage)
+    try:
+        result = await take_backup(settings, credentials, addresses)
+    except BackupError as exc:
+        raise CLIError(f"etcd backup: {exc}") from None
+    info = result.info
+    for skipped in result.skipped:
+        print(f"etcd member {skipped}; took the backup from another member")
+    print(
+        f"created backup {info.name} in {directory} (revision {info.revision}, "
+        f"{info.total_keys} keys, {info.size} bytes, from {info.member}, {info.seconds}s)"
     )
-    p.add_argument("--dir", default=DEFAULT_DIR, help=f"backup directory (default {DEFAULT_DIR})")
-    p.add_argument(
-        "--max-backups",
-        "--retention",
-        dest="keep",
-        type=int,
-        default=DEFAULT_KEEP,
-        help=f"keep the newest N backups, remove older ones (default {DEFAULT_KEEP})",
-    )
-    p.add_argument("--copy-dir", default=None, help="also copy the backup there")
-    p.add_argument(
-        "--etcdutl", default=DEFAULT_ETCDUTL, help="etcdutl that verifies (path or name on PATH)"
-    )
-    p.set_defaults(func=VAULTCMD + "cmd_etcd_backup", backup_command=None)
-    bsub = p.add_subparsers(dest="backup_command", parser_class=parser_class)
-    lp = bsub.add_parser("list", help="the backups in --dir: time, revision, keys, size")
-    lp.add_argument("--dir", dest="list_dir", default=None, help=f"default {DEFAULT_DIR}")
-    lp.add_argument("--etcdutl", dest="list_etcdutl", default=None, help=argparse.SUPPRESS)
-    lp.add_argument("-o", "--output", choices=("json",), default=None)
+    for name in result.removed:
+        print(f"removed {name}")
+    if result.copy is not None:
+        print(f"copied {info.name} to {copy}")
+        for name in result.copy_removed:
+            print(f"removed {name} from {copy}")
+    if result.copy_error:
+        raise CLIError(f"the backup is good, but its copy failed: {result.copy_error}")

@@ -15,6 +15,7 @@ import yaml
 from etcd3aio import EtcdError, SortOrder, SortTarget, WatchFilter, prefix_range_end
 
 from cke import __version__
+from cke.backup import DEFAULT_DIR, DEFAULT_ETCDUTL, DEFAULT_KEEP
 from cke.cluster import (
     CONSTRAINT_NAMES,
     ClusterError,
@@ -564,6 +565,34 @@ def _add_sabakan_parser(sub: Any, reader: Callable[[argparse.ArgumentParser], No
     p.set_defaults(func=cmd_sabakan_set_variables)
 
 
+def _add_backup_parser(esub: Any) -> None:
+    """``etcd backup`` (and its alias ``local-backup``) with its ``list`` subcommand."""
+    p = esub.add_parser(
+        "backup",
+        aliases=["local-backup"],
+        help="take a verified snapshot of the managed etcd into --dir; 'list' lists them",
+    )
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"backup directory (default {DEFAULT_DIR})")
+    p.add_argument(
+        "--max-backups",
+        "--retention",
+        dest="keep",
+        type=int,
+        default=DEFAULT_KEEP,
+        help=f"keep the newest N backups, remove older ones (default {DEFAULT_KEEP})",
+    )
+    p.add_argument("--copy-dir", default=None, help="also copy the backup there")
+    p.add_argument(
+        "--etcdutl", default=DEFAULT_ETCDUTL, help="etcdutl that verifies (path or name on PATH)"
+    )
+    p.set_defaults(func="cke.cli.backupcmd:cmd_etcd_backup", backup_command=None)
+    bsub = p.add_subparsers(dest="backup_command", parser_class=_Parser)
+    lp = bsub.add_parser("list", help="the backups in --dir: time, revision, keys, size")
+    lp.add_argument("--dir", dest="list_dir", default=None, help=f"default {DEFAULT_DIR}")
+    lp.add_argument("--etcdutl", dest="list_etcdutl", default=None, help=argparse.SUPPRESS)
+    lp.add_argument("-o", "--output", choices=("json",), default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ckecli", description="control cke through etcd")
     parser.add_argument("--config", default="/etc/cke/config.yml", help="etcd configuration")
@@ -658,9 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-output", choices=("json", "file"), default="json")
     p.add_argument("user")
     p.set_defaults(func=VAULTCMD + "cmd_etcd_issue")
-    from cke.cli.backupcmd import add_backup_parsers  # here: backupcmd imports this module
-
-    add_backup_parsers(esub, _Parser)
+    _add_backup_parser(esub)
     from cke.cli.restorecmd import add_restore_parser  # here: restorecmd imports this module
 
     add_restore_parser(esub)

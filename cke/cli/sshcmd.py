@@ -30,7 +30,7 @@ import asyncssh
 
 from cke.cli.ckecli import CLIError, _stored_cluster_text
 from cke.cli.sshargs import split_user
-from cke.cli.vaultcmd import _vault_from_etcd
+from cke.cli.vaultcmd import vault_from_etcd
 from cke.cluster import Node, cluster_from_json
 from cke.common.logs import error_line
 from cke.nodes.ssh import NodeAddress, SSHError, fetch_host_key, host_key_fingerprint
@@ -95,7 +95,7 @@ async def resolve(storage: Storage, name: str) -> Target:
 
 async def private_key(storage: Storage, address: str) -> str:
     """cke's SSH key for ``address`` from Vault, in OpenSSH's own format."""
-    vault = await _vault_from_etcd(storage)
+    vault = await vault_from_etcd(storage)
     try:
         keys = await vault.read_kv(SECRETS_MOUNT, "ssh") or {}
     except VaultError as exc:

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,6 @@ import asyncssh
 from cryptography import x509
 from etcd3aio import EtcdError
 
-from cke.backup import BackupError, BackupSettings, take_backup
-from cke.cli.backupcmd import absolute, cmd_etcd_backup_list
 from cke.cli.ckecli import CLIError, _emit, _read_input, _stored_cluster_text
 from cke.cluster import cluster_from_json
 from cke.common.durations import parse_duration
@@ -45,7 +44,7 @@ from cke.vault import INSECURE_HTTP, InsecureEndpoint, Vault, VaultError, parse_
 from cke.vaultsetup import init_vault
 
 
-async def _vault_from_etcd(storage: Storage) -> Vault:
+async def vault_from_etcd(storage: Storage) -> Vault:
     """Log in to Vault as cke does, with the AppRole stored by ``vault config``."""
     stored = await storage.get_vault_config()
     if stored.value is None:
@@ -121,7 +120,7 @@ async def cmd_vault_ssh_privkey(storage: Storage, args: argparse.Namespace) -> N
         asyncssh.import_private_key(key_text)
     except (asyncssh.KeyImportError, ValueError):
         raise CLIError(f"{args.file}: not an unencrypted SSH private key") from None
-    vault = await _vault_from_etcd(storage)
+    vault = await vault_from_etcd(storage)
     try:
         keys = await vault.read_kv(SECRETS_MOUNT, "ssh") or {}
         keys[args.host] = key_text
@@ -156,7 +155,7 @@ def rotate_aescbc(current: str | None, now: dt.datetime) -> str:
 
 
 async def cmd_vault_enckey(storage: Storage, args: argparse.Namespace) -> None:
-    vault = await _vault_from_etcd(storage)
+    vault = await vault_from_etcd(storage)
     try:
         data = await vault.read_kv(SECRETS_MOUNT, "k8s") or {}
         current = data.get("aescbc")
@@ -253,7 +252,7 @@ async def _issue_etcd(storage: Storage, user: str, ttl: str | None, output: str)
     server_ca = await trusted_bundle(storage, "server")
     if server_ca is None:
         raise CLIError("no CA certificate ca/server; run 'ckecli vault init'")
-    vault = await _vault_from_etcd(storage)
+    vault = await vault_from_etcd(storage)
     try:
         issuer = CertIssuer(vault)
         issued = await (issuer.etcd_client(user) if user == "root" else issuer.etcd_user(user, ttl))
@@ -272,9 +271,11 @@ async def cmd_etcd_root_issue(storage: Storage, args: argparse.Namespace) -> Non
     await _issue_etcd(storage, "root", None, args.output)
 
 
-async def managed_etcd(storage: Storage) -> tuple[list[str], EtcdCredentials]:
+async def managed_etcd(
+    storage: Storage,
+) -> tuple[list[str], Callable[[], Awaitable[EtcdCredentials]]]:
     """The control planes of the stored cluster and a 2-hour ``root`` client certificate
-    for their etcd (from Vault, as cke's own)."""
+    for their etcd (from Vault, as cke's own), in the form EtcdAdmin and backups take."""
     current = await storage.get_cluster()
     if current.value is None:
         raise CLIError("no cluster configuration is stored yet")
@@ -284,16 +285,21 @@ async def managed_etcd(storage: Storage) -> tuple[list[str], EtcdCredentials]:
     server_ca = await trusted_bundle(storage, "server")
     if server_ca is None:
         raise CLIError("no CA certificate ca/server; run 'ckecli vault init'")
-    vault = await _vault_from_etcd(storage)
+    vault = await vault_from_etcd(storage)
     try:
         root = await CertIssuer(vault).etcd_client("root")
     except VaultError as exc:
         raise CLIError(f"issue: {exc}") from exc
     finally:
         vault.close()
-    return addresses, EtcdCredentials(
+    creds = EtcdCredentials(
         server_ca.encode(), root.certificate.encode(), root.private_key.encode()
     )
+
+    async def credentials() -> EtcdCredentials:
+        return creds
+
+    return addresses, credentials
 
 
 async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
@@ -302,11 +308,7 @@ async def cmd_etcd_user_add(storage: Storage, args: argparse.Namespace) -> None:
         raise CLIError(f"USER: {problem}")
     if not args.prefix.startswith("/"):
         raise CLIError("PREFIX: must start with /")
-    addresses, creds = await managed_etcd(storage)
-
-    async def credentials() -> EtcdCredentials:
-        return creds
-
+    addresses, credentials = await managed_etcd(storage)
     admin = EtcdAdmin(credentials)
     try:
         await admin.user_add(addresses, args.user, args.prefix)
@@ -331,43 +333,3 @@ async def cmd_etcd_issue(storage: Storage, args: argparse.Namespace) -> None:
     if seconds > parse_duration(USER_CLIENT_TTL):
         raise CLIError(f"--ttl: at most {USER_CLIENT_TTL} (the cap of the user role)")
     await _issue_etcd(storage, args.user, args.ttl, args.output)
-
-
-# -- etcd backup (its root certificate comes from Vault) --------------------------------
-
-
-async def cmd_etcd_backup(storage: Storage, args: argparse.Namespace) -> None:
-    if args.backup_command == "list":
-        await cmd_etcd_backup_list(storage, args)
-        return
-    if args.keep < 1:
-        raise CLIError(f"--max-backups: must be at least 1, got {args.keep}")
-    directory = absolute(args.dir)
-    copy = absolute(args.copy_dir) if args.copy_dir else None
-    if copy == directory:
-        raise CLIError("--copy-dir: must differ from --dir")
-    settings = BackupSettings(directory, args.keep, copy, args.etcdutl)
-    addresses, creds = await managed_etcd(storage)
-
-    async def credentials() -> EtcdCredentials:
-        return creds
-
-    try:
-        result = await take_backup(settings, credentials, addresses)
-    except BackupError as exc:
-        raise CLIError(f"etcd backup: {exc}") from None
-    info = result.info
-    for skipped in result.skipped:
-        print(f"etcd member {skipped}; took the backup from another member")
-    print(
-        f"created backup {info.name} in {directory} (revision {info.revision}, "
-        f"{info.total_keys} keys, {info.size} bytes, from {info.member}, {info.seconds}s)"
-    )
-    for name in result.removed:
-        print(f"removed {name}")
-    if result.copy is not None:
-        print(f"copied {info.name} to {copy}")
-        for name in result.copy_removed:
-            print(f"removed {name} from {copy}")
-    if result.copy_error:
-        raise CLIError(f"the backup is good, but its copy failed: {result.copy_error}")
