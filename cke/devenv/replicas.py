@@ -110,9 +110,14 @@ class CkeReplica:
                 *extra,
             ],
             log_dir / f"cke-{name}.log",
+            # Its own temporary directory, as PrivateTmp= gives the unit: what a killed
+            # replica leaves there (the Vault CA file) stays with the bed, not in /tmp.
+            env={**os.environ, "TMPDIR": str(log_dir / f"tmp-{name}")},
         )
+        self.tmp_dir = log_dir / f"tmp-{name}"
 
     async def start(self) -> None:
+        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
         await self.process.start()
 
     async def stop(self) -> int | None:

@@ -77,7 +77,10 @@ async def test_a_paused_leader_sends_nothing_when_it_resumes(bed: TestBed) -> No
     cps, joiner = nodes[:3], nodes[3]
     d = Deployment(bed, replicas=1, session_ttl=f"{TTL}s")
     paused = d.replicas[0]
-    paused.process.env = {**os.environ, "CKE_FAILPOINT": f"stop-before-update:{joiner.address}"}
+    paused.process.env = {
+        **(paused.process.env or os.environ),
+        "CKE_FAILPOINT": f"stop-before-update:{joiner.address}",
+    }
     try:
         # The joiner is not in the cluster yet: nothing changing goes to it before.
         await d.bootstrap(cps)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -93,10 +92,8 @@ async def test_malformed_vault_key_is_reported_and_fixed_without_restart(
     good = await _stored_vault_text(d)
     doc = json.loads(good)
     await _put_vault_text(d, json.dumps({k: v for k, v in doc.items() if k != "secret-id"}))
-    private_tmp = hardening_bed.base_dir / "cke-tmp"
-    private_tmp.mkdir()
     replica = CkeReplica("cke-hard", d.config, hardening_bed.base_dir)
-    replica.process.env = {**os.environ, "TMPDIR": str(private_tmp)}
+    private_tmp = replica.tmp_dir  # its TMPDIR, as PrivateTmp= in the unit
     await replica.start()
     try:
         await _wait_vault_state(d, "invalid config: secret-id: Field required")
